@@ -1,0 +1,156 @@
+"""Loader throughput on the same JPEGs in one run, as ratios (issue 3).
+
+(a) decode + train transform in a plain loop on one core (the ceiling for one worker),
+(b) ImageFolder-style loading: a map-style dataset opening one file per sample with Pillow,
+(c) ShardStream over Parquet shards of the same images,
+(u) the same stream shipping uint8 batches, normalised by the consumer (as a GPU job would, on the device),
+(b), (c), (u) through DataLoader with 1 and 2 workers, batch 64, warm page cache, median of interleaved rounds.
+Goals: c1/a >= 0.9, c1/b1 >= 1.0, c2/c1 >= 1.8.
+
+    .venv/bin/python bench/loader.py [--images 1280] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.convert import Options, convert
+from pipeline.data.sources import imagefolder
+from pipeline.data.stream import ShardStream
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, decode, normalize
+
+BATCH = 64
+
+
+def make_jpegs(root: Path, n: int, classes: int = 10) -> list[tuple[Path, int]]:
+    """ImageNet-like 500x375 JPEGs (q90, ~100 KB): smooth structure plus grain, so they compress like photos."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+        arr = np.clip(np.asarray(base, np.int16) + rng.normal(0, 14, (375, 500, 3)), 0, 255).astype(np.uint8)
+        path = root / f"c{i % classes}" / f"img{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path, quality=90)
+        files.append((path, i % classes))
+    return files
+
+
+class FolderDataset(Dataset):
+    """What torchvision's ImageFolder does per sample: open the file, decode, transform."""
+
+    def __init__(self, files: list[tuple[Path, int]], transform: TrainTransform) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[i]
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return self.transform(img, np.random.default_rng(i)), label
+
+
+def rate(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], finish: Callable = lambda x: x) -> float:
+    """Images/s delivered as ``finish(x)`` after the first batch (excludes worker start-up, paid alike by all)."""
+    it = iter(batches)
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for x, _ in it:
+        n += len(finish(x))
+    return n / (time.perf_counter() - t0)
+
+
+def decode_rate(blobs: list[bytes], transform: TrainTransform) -> float:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for b in blobs:
+        transform(decode(b), rng)
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def machine() -> str:
+    model = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if ln.startswith("Model name")
+        ),
+        platform.processor(),
+    )
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=1280)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    transform, raw = TrainTransform(size=224), TrainTransform(size=224, normalize=False)
+    finish = lambda x: normalize(x, IMAGENET_MEAN, IMAGENET_STD)  # noqa: E731
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = make_jpegs(Path(tmp) / "jpeg", args.images)
+        uri = f"file://{tmp}/shards"
+        convert(imagefolder(f"{tmp}/jpeg"), uri, Options(shard_bytes=32 * 10**6, progress=False))
+        blobs = [p.read_bytes() for p, _ in files]
+        folder = FolderDataset(files, transform)
+        runs: dict[str, Callable[[], float]] = {"a": lambda: decode_rate(blobs, transform)}
+        for w in (1, 2):
+            runs[f"b{w}"] = lambda w=w: rate(DataLoader(folder, BATCH, shuffle=True, num_workers=w))
+            runs[f"c{w}"] = lambda w=w: rate(
+                ShardStream(uri, "train", batch_size=BATCH, transform=transform, num_workers=w)
+            )
+            runs[f"u{w}"] = lambda w=w: rate(
+                ShardStream(uri, "train", batch_size=BATCH, transform=raw, num_workers=w), finish
+            )
+        for run in runs.values():  # warm the page cache and the code paths
+            run()
+        results: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.rounds):  # interleaved, so load from other processes hits every loader alike
+            for k, run in runs.items():
+                results[k].append(run())
+        r = {k: statistics.median(v) for k, v in results.items()}
+        mean_kb = sum(map(len, blobs)) / len(blobs) / 1e3
+    load.append(os.getloadavg()[0])
+    print(f"machine: {machine()}; 1-min load average {load[0]:.1f} before, {load[1]:.1f} after")
+    print(
+        f"{args.images} JPEGs 500x375 (~{mean_kb:.0f} KB), TrainTransform(224), batch {BATCH}, "
+        f"median of {args.rounds} interleaved rounds\n"
+    )
+    print("| loader | 1 worker img/s | 2 workers img/s |\n|---|---|---|")
+    print(f"| (a) decode + transform in a loop, one core | {r['a']:.0f} | - |")
+    for k, name in (
+        ("b", "(b) ImageFolder-style, a file per sample"),
+        ("c", "(c) ShardStream, float batches"),
+        ("u", "(u) ShardStream, uint8 batches + consumer normalize"),
+    ):
+        print(f"| {name} | {r[k + '1']:.0f} | {r[k + '2']:.0f} |")
+    print("\n| ratio | (c) float | (u) uint8 | goal |\n|---|---|---|---|")
+    for label, f, goal in (
+        ("x1 / a: per-worker efficiency", lambda x: r[x + "1"] / r["a"], ">= 0.90"),
+        ("x1 / b1: vs per-file loading, 1 worker", lambda x: r[x + "1"] / r["b1"], ">= 1.0"),
+        ("x2 / b2: vs per-file loading, 2 workers", lambda x: r[x + "2"] / r["b2"], ">= 1.0"),
+        ("x2 / x1: scaling to 2 workers", lambda x: r[x + "2"] / r[x + "1"], ">= 1.8"),
+    ):
+        print(f"| {label} | {f('c'):.2f} | {f('u'):.2f} | {goal} |")
+    print(f"\n(b2 / b1 = {r['b2'] / r['b1']:.2f}: the machine's own scaling limit for comparison)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""The DCP-NAS search loop (spec §7): Parent and Child supernets trained in turn, the Child's
+architecture steered along the Parent's tangent, both with decoupled (back-tracked) updates.
+
+Pure PyTorch. Data parallelism enters through three seams, all optional: ``wrap`` (e.g. DDP)
+for the weight-step forwards, ``reduce_mean`` for architecture gradients and metrics, and the
+data object, which decides what each rank reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dcpnas.binary import REAL, Binarize, reconstruction_loss
+from dcpnas.checkpoint import check_same_config
+from dcpnas.decoupled import Backtracker
+from dcpnas.genotype import Genotype
+from dcpnas.losses import kl_to_teacher
+from dcpnas.ops import OpContext
+from dcpnas.spaces import get_space
+from dcpnas.supernet import SuperNet, frozen_bn_stats
+from dcpnas.tangent import DISCREPANCIES, HESSIANS, child_arch_gradient, parent_tangent
+
+Batch = tuple[Tensor, Tensor]
+PHASES = ("parent", "child")
+
+
+@dataclass
+class SearchConfig:
+    """Every hyperparameter of the search, with the spec's defaults (§7.3; [A] = spec's choice)."""
+
+    # search space and supernet [A: DARTS/PC-DARTS sizes]
+    space: str = "dcpnas"
+    num_classes: int = 10
+    in_channels: int = 3
+    init_channels: int = 16
+    layers: int = 8
+    stem: str = "cifar"  # cifar (one 3x3 conv) | imagenet (three stride-2 convs)
+    partial_channels: int = 1  # PC-DARTS K; 1 = all channels
+    affine: bool = False  # BN affine inside supernet ops (DARTS searches without)
+    binarize_depthwise_input: bool = False  # book-faithful variant of spec §2.3
+    alpha_init_std: float = 1e-3
+    # schedule
+    epochs: int = 50
+    warmup_epochs: int = 15  # architecture frozen for these epochs
+    # DCP-NAS objective (Eq. 4.32)
+    lam: float = 5e-3  # weight of the tangent discrepancy D
+    mu: float = 0.2  # weight of the reconstruction error L_R
+    discrepancy: str = "fro"  # fro | l1 | cos (Table 4.4)
+    hessian: str = "ggn"  # ggn | exact (the "no GGN" ablation)
+    tangent: str = "batch"  # batch: Parent tangent on each arch batch | phase: mean over the Parent phase
+    # decoupled optimisation (spec §6.4)
+    decoupled: bool = True
+    tau: float = 0.5
+    backtrack: str = "large"  # back-track the ops whose weight norm ranks high (large) or low (small)
+    psi_granularity: str = "edge"  # edge | op
+    eta2: float = 1.0
+    psi_lr: float | None = None  # None: the architecture learning rate
+    # optimisers
+    parent_lr: float = 0.1
+    parent_lr_min: float = 1e-3
+    parent_momentum: float = 0.9
+    parent_weight_decay: float = 3e-4
+    child_lr: float = 1e-3
+    child_lr_min: float = 0.0
+    child_weight_decay: float = 0.0
+    arch_lr: float = 6e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+    genotype_ranking: str = "raw"  # raw | softmax (spec §8)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.arch_betas = tuple(self.arch_betas)
+        choices = {
+            "stem": ("cifar", "imagenet"),
+            "discrepancy": DISCREPANCIES,
+            "hessian": HESSIANS,
+            "tangent": ("batch", "phase"),
+            "backtrack": ("large", "small"),
+            "psi_granularity": ("edge", "op"),
+            "genotype_ranking": ("raw", "softmax"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"search.{name}: '{getattr(self, name)}' is not one of {', '.join(allowed)}")
+        get_space(self.space)
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"search.warmup_epochs: {self.warmup_epochs} must lie in [0, epochs={self.epochs}]")
+        if self.lam < 0 or self.mu < 0:
+            raise ValueError("search.lam and search.mu must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+class SearchData(Protocol):
+    """What the loop reads: paired (weight batch, architecture batch) steps, and an eval set."""
+
+    def batches(self, epoch: int, phase: str, start: int = 0) -> Iterable[tuple[Batch, Batch]]: ...
+
+    def eval_batches(self) -> Iterable[Batch]: ...
+
+
+class TensorSearchData:
+    """In-memory splits with a deterministic shuffle per (seed, epoch, phase); resumable by index."""
+
+    def __init__(
+        self,
+        weights: Batch,
+        arch: Batch,
+        held_out: Batch,
+        batch_size: int,
+        seed: int = 0,
+    ) -> None:
+        self.w, self.a, self.e = weights, arch, held_out
+        self.batch_size, self.seed = batch_size, seed
+        self.steps = min(len(weights[1]), len(arch[1])) // batch_size
+        if self.steps == 0:
+            raise ValueError(f"batch size {batch_size} exceeds the smaller search split")
+
+    def _order(self, n: int, epoch: int, phase: str, split: int) -> Tensor:
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, PHASES.index(phase), split)) & 0x7FFFFFFF)
+        return torch.randperm(n, generator=g)
+
+    def batches(self, epoch: int, phase: str, start: int = 0) -> Iterator[tuple[Batch, Batch]]:
+        ow = self._order(len(self.w[1]), epoch, phase, 0)
+        oa = self._order(len(self.a[1]), epoch, phase, 1)
+        b = self.batch_size
+        for i in range(start, self.steps):
+            iw, ia = ow[i * b : (i + 1) * b], oa[i * b : (i + 1) * b]
+            yield (self.w[0][iw], self.w[1][iw]), (self.a[0][ia], self.a[1][ia])
+
+    def eval_batches(self) -> Iterator[Batch]:
+        for i in range(0, len(self.e[1]), self.batch_size):
+            yield self.e[0][i : i + self.batch_size], self.e[1][i : i + self.batch_size]
+
+
+class DivergedError(RuntimeError):
+    """A loss became NaN or infinite; the search cannot continue from this state."""
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class DCPNASSearch:
+    """Owns both supernets, their optimisers, the back-trackers and the loop position."""
+
+    def __init__(
+        self,
+        cfg: SearchConfig,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        reduce_mean: Callable[[Tensor], Tensor] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.cfg = cfg
+        self.space = get_space(cfg.space)
+        self.reduce = reduce_mean or _identity
+        torch.manual_seed(cfg.seed)
+        child_bits = Binarize(weights=True, activations=True, depthwise_input=cfg.binarize_depthwise_input)
+        self.parent = self._supernet(REAL).to(device, dtype)
+        self.child = self._supernet(child_bits).to(device, dtype)
+        with torch.no_grad():
+            self.child.alpha.copy_(self.parent.alpha)
+        wrap = wrap or (lambda m: m)
+        self.parent_fwd, self.child_fwd = wrap(self.parent), wrap(self.child)
+        self.opt = {
+            "parent_w": torch.optim.SGD(
+                self.parent.weight_parameters(),
+                cfg.parent_lr,
+                momentum=cfg.parent_momentum,
+                weight_decay=cfg.parent_weight_decay,
+            ),
+            "child_w": torch.optim.Adam(
+                self.child.weight_parameters(), cfg.child_lr, weight_decay=cfg.child_weight_decay
+            ),
+            "parent_a": self._arch_opt(self.parent.alpha),
+            "child_a": self._arch_opt(self.child.alpha),
+        }
+        self.sched = {
+            "parent_w": torch.optim.lr_scheduler.CosineAnnealingLR(self.opt["parent_w"], cfg.epochs, cfg.parent_lr_min),
+            "child_w": torch.optim.lr_scheduler.CosineAnnealingLR(self.opt["child_w"], cfg.epochs, cfg.child_lr_min),
+        }
+        bt = dict(
+            alpha_shape=tuple(self.parent.alpha.shape),
+            tau=cfg.tau,
+            direction=cfg.backtrack,
+            granularity=cfg.psi_granularity,
+            eta2=cfg.eta2,
+            psi_lr=cfg.psi_lr,
+        )
+        self.backtrack = {"parent": Backtracker(**bt).to(device, dtype), "child": Backtracker(**bt).to(device, dtype)}
+        self.epoch, self.phase, self.step, self.global_step = 0, "parent", 0, 0
+        self.phase_tangent = torch.zeros_like(self.parent.alpha)
+        self.meters: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.history: list[dict[str, Any]] = []
+
+    def _supernet(self, bits: Binarize) -> SuperNet:
+        c = self.cfg
+        ctx = OpContext(style="bnn", binarize=bits, affine=c.affine, search=True)
+        return SuperNet(
+            self.space,
+            c.num_classes,
+            c.init_channels,
+            c.layers,
+            ctx,
+            c.stem,
+            c.in_channels,
+            c.partial_channels,
+            alpha_init_std=c.alpha_init_std,
+        )
+
+    def _arch_opt(self, alpha: nn.Parameter) -> torch.optim.Adam:
+        c = self.cfg
+        return torch.optim.Adam([alpha], c.arch_lr, betas=c.arch_betas, weight_decay=c.arch_weight_decay)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _meter(self, name: str, value: float, n: int = 1) -> None:
+        m = self.meters[name]
+        m[0] += value * n
+        m[1] += n
+
+    @property
+    def arch_active(self) -> bool:
+        return self.epoch >= self.cfg.warmup_epochs
+
+    def genotype(self) -> Genotype:
+        return Genotype.from_alphas(self.child.alpha, self.space, self.cfg.genotype_ranking)
+
+    # ---- one step of each phase ----------------------------------------------------------------
+    def _weight_step(self, name: str, model: nn.Module, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise DivergedError(f"{name} loss is {loss.item()} at epoch {self.epoch} step {self.step}")
+        opt = self.opt[f"{name}_w"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(list(model.weight_parameters()), self.cfg.grad_clip)
+        opt.step()
+
+    def _arch_step(self, name: str, alpha: nn.Parameter, grad: Tensor, norms: Callable[[], Tensor]) -> None:
+        """Vanilla optimiser step on alpha, then the decoupled back-tracking projection."""
+        opt, bt = self.opt[f"{name}_a"], self.backtrack[name]
+        lr = opt.param_groups[0]["lr"]
+        if self.cfg.decoupled:
+            bt.update_psi(grad, lr)
+        alpha_old = alpha.detach().clone()
+        alpha.grad = grad.to(alpha.dtype)
+        opt.step()
+        alpha.grad = None
+        if self.cfg.decoupled:
+            bt.project(alpha, alpha_old, norms(), lr)
+
+    def parent_step(self, wb: Batch, ab: Batch) -> None:
+        x, y = wb
+        self.parent.train()
+        logits = self.parent_fwd(x, alpha=self.parent.alpha.detach())
+        loss = F.cross_entropy(logits, y)
+        self._weight_step("parent", self.parent, loss)
+        self._meter("parent/loss", loss.item(), len(y))
+        self._meter("parent/acc", (logits.argmax(1) == y).float().mean().item(), len(y))
+        if not self.arch_active:
+            return
+        with frozen_bn_stats(self.parent):
+            tangent, _, ce = parent_tangent(self.parent, *ab)
+        grad = self.reduce(-tangent)
+        self.phase_tangent += -grad
+        self._meter("parent/arch_loss", ce.item())
+        self._meter("parent/tangent_steps", 1.0)
+        self._arch_step("parent", self.parent.alpha, grad, self.parent.op_weight_norms)
+
+    def child_step(self, wb: Batch, ab: Batch) -> None:
+        c = self.cfg
+        x, y = wb
+        self.child.train()
+        with torch.no_grad(), frozen_bn_stats(self.parent):
+            teacher = torch.softmax(self.parent(x), dim=-1)
+        logits = self.child_fwd(x, alpha=self.child.alpha.detach())
+        kl = kl_to_teacher(logits, teacher)
+        l_r = reconstruction_loss(self.child)
+        self._weight_step("child", self.child, kl + c.mu * l_r)
+        self._meter("child/kl", kl.item(), len(y))
+        self._meter("child/l_r", l_r.item(), len(y))
+        self._meter("child/acc", (logits.argmax(1) == y).float().mean().item(), len(y))
+        if not self.arch_active:
+            return
+        xa, ya = ab
+        with frozen_bn_stats(self.parent), frozen_bn_stats(self.child):
+            if c.tangent == "batch":
+                tangent, teacher_a, _ = parent_tangent(self.parent, xa, ya)
+                tangent = self.reduce(tangent)
+            else:
+                with torch.no_grad():
+                    teacher_a = torch.softmax(self.parent(xa), dim=-1)
+                tangent = self.phase_tangent
+            ag = child_arch_gradient(self.child, xa, teacher_a, tangent, c.lam, c.discrepancy, c.hessian, self.reduce)
+        self._meter("child/arch_kl", ag.kl)
+        self._meter("child/discrepancy", ag.discrepancy)
+        self._arch_step("child", self.child.alpha, ag.grad, self.child.op_weight_norms)
+
+    # ---- phases and epochs ---------------------------------------------------------------------
+    def _enter_phase(self) -> None:
+        """Architecture inheritance (Algorithm 10): the entering supernet takes the other's alpha."""
+        src, dst = (self.child, self.parent) if self.phase == "parent" else (self.parent, self.child)
+        if self.phase == "parent" and self.epoch == 0:
+            return
+        with torch.no_grad():
+            dst.alpha.copy_(src.alpha)
+        self.backtrack[self.phase].reset()
+        if self.phase == "parent":
+            self.phase_tangent.zero_()
+
+    @torch.no_grad()
+    def evaluate(self, data: Iterable[Batch]) -> dict[str, float]:
+        """Top-1 of both supernets (eval-mode BN) on held-out data, summed across ranks."""
+        self.parent.eval()
+        self.child.eval()
+        correct = torch.zeros(3, dtype=torch.float64)
+        for x, y in data:
+            correct += torch.tensor(
+                [(self.parent(x).argmax(1) == y).sum().item(), (self.child(x).argmax(1) == y).sum().item(), len(y)],
+                dtype=torch.float64,
+            )
+        correct = self.reduce(correct)
+        return {"parent/val_acc": (correct[0] / correct[2]).item(), "child/val_acc": (correct[1] / correct[2]).item()}
+
+    def _epoch_metrics(self, data: SearchData, seconds: float) -> dict[str, Any]:
+        metrics = {k: v[0] / v[1] for k, v in self.meters.items() if v[1] and k != "parent/tangent_steps"}
+        names = sorted(metrics)
+        if names:
+            reduced = self.reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64))
+            metrics = dict(zip(names, reduced.tolist()))
+        metrics.update(self.evaluate(data.eval_batches()))
+        probs = torch.softmax(self.child.alpha.detach().double(), -1)
+        genotype = self.genotype()
+        metrics.update(
+            {
+                "epoch": self.epoch,
+                "alpha_entropy": float(-(probs * probs.log()).sum(-1).mean()),
+                "skip_normal": genotype.count("skip_connect", "normal"),
+                "skip_reduce": genotype.count("skip_connect", "reduce"),
+                "lr/parent": self.opt["parent_w"].param_groups[0]["lr"],
+                "lr/child": self.opt["child_w"].param_groups[0]["lr"],
+                "epoch_seconds": seconds,
+                "genotype_hash": genotype.hash,
+            }
+        )
+        return metrics
+
+    def run(
+        self,
+        data: SearchData,
+        max_steps: int | None = None,
+        on_epoch_end: Callable[[DCPNASSearch, dict[str, Any]], None] | None = None,
+    ) -> Genotype:
+        """Run (or continue) the search to ``cfg.epochs``; stop early after ``max_steps`` steps."""
+        steps_run = 0
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            for phase in PHASES[PHASES.index(self.phase) :]:
+                if phase != self.phase:
+                    self.phase, self.step = phase, 0
+                if self.step == 0:
+                    self._enter_phase()
+                step_fn = self.parent_step if phase == "parent" else self.child_step
+                for wb, ab in data.batches(self.epoch, phase, self.step):
+                    if max_steps is not None and steps_run >= max_steps:
+                        return self.genotype()
+                    step_fn(wb, ab)
+                    self.step += 1
+                    self.global_step += 1
+                    steps_run += 1
+            for s in self.sched.values():
+                s.step()
+            metrics = self._epoch_metrics(data, time.perf_counter() - t0)
+            self.history.append(metrics)
+            self.meters.clear()
+            self.epoch, self.phase, self.step = self.epoch + 1, "parent", 0
+            if on_epoch_end is not None:
+                on_epoch_end(self, metrics)
+        return self.genotype()
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "parent": self.parent.state_dict(),
+            "child": self.child.state_dict(),
+            "opt": {k: o.state_dict() for k, o in self.opt.items()},
+            "sched": {k: s.state_dict() for k, s in self.sched.items()},
+            "backtrack": {k: b.state_dict() for k, b in self.backtrack.items()},
+            "position": {"epoch": self.epoch, "phase": self.phase, "step": self.step, "global_step": self.global_step},
+            "phase_tangent": self.phase_tangent,
+            "meters": {k: list(v) for k, v in self.meters.items()},
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_same_config(state["config"], self.cfg.to_dict(), "search")
+        self.parent.load_state_dict(state["parent"])
+        self.child.load_state_dict(state["child"])
+        for k, o in self.opt.items():
+            o.load_state_dict(state["opt"][k])
+        for k, s in self.sched.items():
+            s.load_state_dict(state["sched"][k])
+        for k, b in self.backtrack.items():
+            b.load_state_dict(state["backtrack"][k])
+        pos = state["position"]
+        self.epoch, self.phase, self.step, self.global_step = (
+            pos["epoch"],
+            pos["phase"],
+            pos["step"],
+            pos["global_step"],
+        )
+        self.phase_tangent.copy_(state["phase_tangent"])
+        self.meters.clear()
+        self.meters.update({k: list(v) for k, v in state["meters"].items()})
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"])

@@ -1,0 +1,37 @@
+"""The ``dcpnas`` command line. Subcommands import their heavy dependencies lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dcpnas.genotype import GenotypeError
+from dcpnas.registry import UnknownNameError
+from pipeline.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import genotype_cli, search_cli
+    from pipeline.data import cli as data_cli
+
+    parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    search_cli.register(sub)
+    data_cli.register(sub)
+    genotype_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, GenotypeError, UnknownNameError) as e:
+        print(f"dcpnas {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

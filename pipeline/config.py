@@ -1,0 +1,132 @@
+"""Experiment configuration: one YAML file, ``--set a.b=c`` overrides, strict validation.
+
+Defaults live in exactly one place: the dataclasses of ``dcpnas`` for the method, and the
+models below for the pipeline. Every run saves its resolved config and that config's hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from dcpnas.checkpoint import config_hash
+from dcpnas.search import SearchConfig
+from pipeline.errors import UserError
+
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def section_from_dataclass(cls: type) -> type[BaseModel]:
+    """A strict pydantic model mirroring a ``dcpnas`` dataclass, so defaults are not repeated."""
+    hints = get_type_hints(cls)
+    spec = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls)}
+    return create_model(f"{cls.__name__}Section", __config__=STRICT, **spec)
+
+
+SearchSection = section_from_dataclass(SearchConfig)
+
+
+class DataSection(BaseModel):
+    """Where images come from and how search batches are cut."""
+
+    model_config = STRICT
+    source: Literal["digits"] = "digits"
+    batch_size: int = Field(64, gt=0)
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)  # class-balanced test split of the whole set
+    arch_fraction: float = Field(0.5, gt=0, lt=1)  # of the rest: the architecture split (DARTS 50/50)
+    split_seed: int = 0
+
+
+class Config(BaseModel):
+    """The whole experiment."""
+
+    model_config = STRICT
+    name: str = "demo"
+    output_dir: str = "runs"
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
+    data: DataSection = DataSection()
+    search: SearchSection = SearchSection()  # type: ignore[valid-type]
+
+    def search_config(self) -> SearchConfig:
+        try:
+            return SearchConfig(**self.search.model_dump())
+        except ValueError as e:
+            raise UserError(f"config: {e}") from None
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.resolved())
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=c`` with ``c`` read as YAML (numbers, booleans, lists), e.g. ``sweep.seeds=[0,1]``."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set expects key=value, got '{item}'")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: cannot parse value '{raw}': {e}") from None
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {field}: {e['msg']}{got}")
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: the packaged demo), apply overrides, validate strictly."""
+    path = Path(path) if path is not None else PACKAGED / "demo.yaml"
+    if not path.exists():
+        packaged = PACKAGED / f"{path.name}"
+        if path.parent == Path(".") and packaged.exists():
+            path = packaged
+        else:
+            raise UserError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"config {path} must be a mapping of sections")
+    for item in overrides or []:
+        _set_path(tree, *parse_override(item))
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, f"'{path}'")) from None
+    cfg.search_config()  # cross-field checks of the method
+    return cfg
+
+
+def save_resolved(cfg: Config, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "config.yaml"
+    out.write_text(yaml.safe_dump({**cfg.resolved(), "config_hash": cfg.hash}, sort_keys=False))
+    return out

@@ -1,0 +1,1 @@
+"""Sharded image data: Parquet shards through fsspec, converters, streaming readers, splits."""

@@ -1,0 +1,125 @@
+"""``dcpnas search``: one single-process DCP-NAS search, resumable, with all artifacts on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from dcpnas.search import DCPNASSearch, TensorSearchData
+    from pipeline.config import Config
+
+
+def class_balanced_indices(labels: Any, fractions: list[float], seed: int) -> list[Any]:
+    """Split indices so that every part holds the same fraction of every class (deterministic)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        start = 0
+        for k, frac in enumerate(fractions):
+            n = round(frac * len(idx)) if k < len(fractions) - 1 else len(idx) - start
+            parts[k] += idx[start : start + n].tolist()
+            start += n
+    return [torch.tensor(sorted(p)) for p in parts]
+
+
+def digits_search_data(cfg: Config) -> TensorSearchData:
+    """The bundled digits as normalised float tensors, split held-out / weights / architecture."""
+    import torch
+
+    from dcpnas.search import TensorSearchData
+    from pipeline.data.digits import load_digits_rgb
+
+    images, labels = load_digits_rgb()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    x = (x - x.mean()) / x.std()
+    y = torch.from_numpy(labels)
+    d = cfg.data
+    rest = 1 - d.held_out_fraction
+    held, w, a = class_balanced_indices(
+        y, [d.held_out_fraction, rest * (1 - d.arch_fraction), rest * d.arch_fraction], d.split_seed
+    )
+    return TensorSearchData((x[w], y[w]), (x[a], y[a]), (x[held], y[held]), d.batch_size, cfg.search.seed)
+
+
+def write_artifacts(search: DCPNASSearch, out: Path) -> dict[str, str]:
+    """Genotype JSON, cell diagrams and the alpha heatmap of the Child's current architecture."""
+    from dcpnas.visualize import plot_alphas, plot_cell
+
+    genotype = search.genotype()
+    files = {"genotype": str(genotype.save(out / "genotype.json"))}
+    for cell in ("normal", "reduce"):
+        files[cell] = str(plot_cell(genotype, cell, out / f"{cell}.png"))
+    files["alphas"] = str(plot_alphas(search.child.alpha.detach(), search.space, out / "alphas.png"))
+    return files
+
+
+def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, Any]:
+    """Run (or resume) the configured search; returns the final metrics and artifact paths."""
+    import torch
+
+    from dcpnas.checkpoint import ResumeMismatchError, load_checkpoint, save_checkpoint
+    from dcpnas.search import DCPNASSearch
+    from pipeline.config import save_resolved
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = cfg.run_dir()
+    data = digits_search_data(cfg)
+    search = DCPNASSearch(cfg.search_config())
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        try:
+            search.load_state_dict(load_checkpoint(ckpt))
+        except ResumeMismatchError as e:
+            raise UserError(f"{e}; use a new name/output_dir or --fresh") from None
+        log(f"resumed from {ckpt} at epoch {search.epoch}, {search.phase} phase, step {search.step}")
+    save_resolved(cfg, out)
+    alphas = out / "alphas.jsonl"
+
+    def on_epoch_end(s: DCPNASSearch, metrics: dict[str, Any]) -> None:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(alphas, "a") as f:
+            f.write(json.dumps({"epoch": metrics["epoch"], "alpha": s.child.alpha.detach().tolist()}) + "\n")
+        save_checkpoint(s.state_dict(), ckpt)
+        log(
+            f"epoch {metrics['epoch'] + 1}/{s.cfg.epochs}  parent val {metrics['parent/val_acc']:.3f}  "
+            f"child val {metrics['child/val_acc']:.3f}  D {metrics.get('child/discrepancy', 0.0):.3g}  "
+            f"skips {metrics['skip_normal']}  {metrics['epoch_seconds']:.1f}s"
+        )
+
+    log(f"search '{cfg.name}' (space {cfg.search.space}, config {cfg.hash[:12]}) -> {out}")
+    search.run(data, on_epoch_end=on_epoch_end)
+    files = write_artifacts(search, out)
+    final = search.history[-1] if search.history else {}
+    log(f"genotype {search.genotype().hash[:12]} -> {files['genotype']}")
+    return {"metrics": final, "files": files, "genotype": search.genotype()}
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg = cfg.model_copy(update={"output_dir": args.out})
+    result = run_search(cfg, resume=not args.fresh)
+    print(result["genotype"].describe())
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run one DCP-NAS search in this process (CPU or one GPU)")
+    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--out", help="output root (default: the config's output_dir)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    p.set_defaults(func=_cmd_search)
