@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -65,23 +66,35 @@ class FolderDataset(Dataset):
             return self.transform(img, np.random.default_rng(i)), label
 
 
-def rate(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], finish: Callable = lambda x: x) -> float:
-    """Images/s delivered as ``finish(x)`` after the first batch (excludes worker start-up, paid alike by all)."""
-    it = iter(batches)
-    next(it)
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers are joined after each pass)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rate(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], finish: Callable = lambda x: x) -> tuple[float, float]:
+    """(images/s after the first batch, CPU ms per image over the whole pass) for batches delivered as finish(x).
+
+    The rate excludes worker start-up, which every loader pays alike; CPU per image is insensitive to other
+    processes competing for the cores, so it is the fair efficiency measure on a shared machine.
+    """
+    c0, it = cpu_seconds(), iter(batches)
+    n0 = len(finish(next(it)[0]))
     t0, n = time.perf_counter(), 0
     for x, _ in it:
         n += len(finish(x))
-    return n / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    del it
+    return n / wall, (cpu_seconds() - c0) / (n + n0) * 1e3
 
 
-def decode_rate(blobs: list[bytes], transform: TrainTransform) -> float:
+def decode_rate(blobs: list[bytes], transform: TrainTransform) -> tuple[float, float]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     for b in blobs:
         transform(decode(b), rng)
-    return len(blobs) / (time.perf_counter() - t0)
+    return len(blobs) / (time.perf_counter() - t0), (cpu_seconds() - c0) / len(blobs) * 1e3
 
 
 def machine() -> str:
@@ -110,7 +123,7 @@ def main() -> None:
         convert(imagefolder(f"{tmp}/jpeg"), uri, Options(shard_bytes=32 * 10**6, progress=False))
         blobs = [p.read_bytes() for p, _ in files]
         folder = FolderDataset(files, transform)
-        runs: dict[str, Callable[[], float]] = {"a": lambda: decode_rate(blobs, transform)}
+        runs: dict[str, Callable[[], tuple[float, float]]] = {"a": lambda: decode_rate(blobs, transform)}
         for w in (1, 2):
             runs[f"b{w}"] = lambda w=w: rate(DataLoader(folder, BATCH, shuffle=True, num_workers=w))
             runs[f"c{w}"] = lambda w=w: rate(
@@ -121,11 +134,12 @@ def main() -> None:
             )
         for run in runs.values():  # warm the page cache and the code paths
             run()
-        results: dict[str, list[float]] = {k: [] for k in runs}
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
         for _ in range(args.rounds):  # interleaved, so load from other processes hits every loader alike
             for k, run in runs.items():
                 results[k].append(run())
-        r = {k: statistics.median(v) for k, v in results.items()}
+        r = {k: statistics.median(x for x, _ in v) for k, v in results.items()}
+        cpu = {k: statistics.median(c for _, c in v) for k, v in results.items()}
         mean_kb = sum(map(len, blobs)) / len(blobs) / 1e3
     load.append(os.getloadavg()[0])
     print(f"machine: {machine()}; 1-min load average {load[0]:.1f} before, {load[1]:.1f} after")
@@ -133,20 +147,21 @@ def main() -> None:
         f"{args.images} JPEGs 500x375 (~{mean_kb:.0f} KB), TrainTransform(224), batch {BATCH}, "
         f"median of {args.rounds} interleaved rounds\n"
     )
-    print("| loader | 1 worker img/s | 2 workers img/s |\n|---|---|---|")
-    print(f"| (a) decode + transform in a loop, one core | {r['a']:.0f} | - |")
+    print("| loader | 1 worker img/s | 2 workers img/s | CPU ms/img (1 w, 2 w) |\n|---|---|---|---|")
+    print(f"| (a) decode + transform in a loop, one core | {r['a']:.0f} | - | {cpu['a']:.2f} |")
     for k, name in (
         ("b", "(b) ImageFolder-style, a file per sample"),
         ("c", "(c) ShardStream, float batches"),
         ("u", "(u) ShardStream, uint8 batches + consumer normalize"),
     ):
-        print(f"| {name} | {r[k + '1']:.0f} | {r[k + '2']:.0f} |")
+        print(f"| {name} | {r[k + '1']:.0f} | {r[k + '2']:.0f} | {cpu[k + '1']:.2f}, {cpu[k + '2']:.2f} |")
     print("\n| ratio | (c) float | (u) uint8 | goal |\n|---|---|---|---|")
     for label, f, goal in (
         ("x1 / a: per-worker efficiency", lambda x: r[x + "1"] / r["a"], ">= 0.90"),
         ("x1 / b1: vs per-file loading, 1 worker", lambda x: r[x + "1"] / r["b1"], ">= 1.0"),
         ("x2 / b2: vs per-file loading, 2 workers", lambda x: r[x + "2"] / r["b2"], ">= 1.0"),
         ("x2 / x1: scaling to 2 workers", lambda x: r[x + "2"] / r[x + "1"], ">= 1.8"),
+        ("CPU a / x1: per-worker efficiency, load-independent", lambda x: cpu["a"] / cpu[x + "1"], ">= 0.90"),
     ):
         print(f"| {label} | {f('c'):.2f} | {f('u'):.2f} | {goal} |")
     print(f"\n(b2 / b1 = {r['b2'] / r['b1']:.2f}: the machine's own scaling limit for comparison)")

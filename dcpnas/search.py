@@ -273,9 +273,8 @@ class DCPNASSearch:
         with frozen_bn_stats(self.parent):
             tangent, _, ce = parent_tangent(self.parent, *ab)
         grad = self.reduce(-tangent)
-        self.phase_tangent += -grad
+        self.phase_tangent += (-grad - self.phase_tangent) / (self.step + 1)  # running mean over the phase
         self._meter("parent/arch_loss", ce.item())
-        self._meter("parent/tangent_steps", 1.0)
         self._arch_step("parent", self.parent.alpha, grad, self.parent.op_weight_norms)
 
     def child_step(self, wb: Batch, ab: Batch) -> None:
@@ -321,20 +320,23 @@ class DCPNASSearch:
 
     @torch.no_grad()
     def evaluate(self, data: Iterable[Batch]) -> dict[str, float]:
-        """Top-1 of both supernets (eval-mode BN) on held-out data, summed across ranks."""
-        self.parent.eval()
-        self.child.eval()
+        """Top-1 of both supernets on held-out data, summed across ranks.
+
+        Supernets normalise with batch statistics here: their running statistics average over
+        an architecture that keeps moving and lag far behind in short searches.
+        """
+        self.parent.train()
+        self.child.train()
         correct = torch.zeros(3, dtype=torch.float64)
-        for x, y in data:
-            correct += torch.tensor(
-                [(self.parent(x).argmax(1) == y).sum().item(), (self.child(x).argmax(1) == y).sum().item(), len(y)],
-                dtype=torch.float64,
-            )
+        with frozen_bn_stats(self.parent), frozen_bn_stats(self.child):
+            for x, y in data:
+                hits = [(net(x).argmax(1) == y).sum().item() for net in (self.parent, self.child)]
+                correct += torch.tensor([*hits, len(y)], dtype=torch.float64)
         correct = self.reduce(correct)
         return {"parent/val_acc": (correct[0] / correct[2]).item(), "child/val_acc": (correct[1] / correct[2]).item()}
 
     def _epoch_metrics(self, data: SearchData, seconds: float) -> dict[str, Any]:
-        metrics = {k: v[0] / v[1] for k, v in self.meters.items() if v[1] and k != "parent/tangent_steps"}
+        metrics = {k: v[0] / v[1] for k, v in self.meters.items() if v[1]}
         names = sorted(metrics)
         if names:
             reduced = self.reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64))

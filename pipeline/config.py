@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from dcpnas.checkpoint import config_hash
 from dcpnas.search import SearchConfig
@@ -32,14 +32,36 @@ SearchSection = section_from_dataclass(SearchConfig)
 
 
 class DataSection(BaseModel):
-    """Where images come from and how search batches are cut."""
+    """Where images come from and how search batches are cut.
+
+    ``source: digits`` reads scikit-learn's bundled digits into memory (single-process search);
+    ``source: shards`` streams the converted dataset at ``uri`` (any fsspec URI), split by rank.
+    """
 
     model_config = STRICT
-    source: Literal["digits"] = "digits"
-    batch_size: int = Field(64, gt=0)
-    held_out_fraction: float = Field(0.2, gt=0, lt=1)  # class-balanced test split of the whole set
-    arch_fraction: float = Field(0.5, gt=0, lt=1)  # of the rest: the architecture split (DARTS 50/50)
+    source: Literal["digits", "shards"] = "digits"
+    uri: str | None = None
+    split: str = "train"  # the split that search cuts into weights / arch parts
+    eval_split: str = "test"  # held-out images for supernet accuracy
+    batch_size: int = Field(64, gt=0)  # global: divided among data-parallel workers
+    held_out_fraction: float = Field(0.2, gt=0, lt=1)  # digits in memory only: the class-balanced test part
+    weight_fraction: float = Field(0.5, gt=0, le=1)  # of the search split (ImageNet, PC-DARTS: 0.1)
+    arch_fraction: float = Field(0.5, gt=0, le=1)  # of the search split (ImageNet, PC-DARTS: 0.025)
     split_seed: int = 0
+    image_size: int = Field(8, gt=0)
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # random-resized-crop area range; (1, 1) = no crop
+    flip: bool = False  # horizontal flips (not for digits)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    loader_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.source == "shards" and not self.uri:
+            raise ValueError("data.uri is required when data.source is 'shards'")
+        if self.weight_fraction + self.arch_fraction > 1 + 1e-9:
+            raise ValueError("data.weight_fraction + data.arch_fraction must be <= 1")
+        return self
 
 
 class Config(BaseModel):

@@ -14,29 +14,13 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
-def class_balanced_indices(labels: Any, fractions: list[float], seed: int) -> list[Any]:
-    """Split indices so that every part holds the same fraction of every class (deterministic)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        start = 0
-        for k, frac in enumerate(fractions):
-            n = round(frac * len(idx)) if k < len(fractions) - 1 else len(idx) - start
-            parts[k] += idx[start : start + n].tolist()
-            start += n
-    return [torch.tensor(sorted(p)) for p in parts]
-
-
 def digits_search_data(cfg: Config) -> TensorSearchData:
     """The bundled digits as normalised float tensors, split held-out / weights / architecture."""
     import torch
 
     from dcpnas.search import TensorSearchData
     from pipeline.data.digits import load_digits_rgb
+    from pipeline.data.splits import balanced_split
 
     images, labels = load_digits_rgb()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
@@ -44,9 +28,9 @@ def digits_search_data(cfg: Config) -> TensorSearchData:
     y = torch.from_numpy(labels)
     d = cfg.data
     rest = 1 - d.held_out_fraction
-    held, w, a = class_balanced_indices(
-        y, [d.held_out_fraction, rest * (1 - d.arch_fraction), rest * d.arch_fraction], d.split_seed
-    )
+    fractions = {"held_out": d.held_out_fraction, "weights": rest * d.weight_fraction, "arch": rest * d.arch_fraction}
+    split = balanced_split([str(i) for i in range(len(y))], labels.tolist(), fractions, d.split_seed)
+    held, w, a = (torch.tensor([int(k) for k in split.parts[p]]) for p in fractions)
     return TensorSearchData((x[w], y[w]), (x[a], y[a]), (x[held], y[held]), d.batch_size, cfg.search.seed)
 
 

@@ -71,8 +71,8 @@ def test_demo_search_on_digits_finds_a_valid_genotype_and_learns(tmp_path, capsy
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4
     final = metrics[-1]
-    assert final["child/val_acc"] > 0.6, final  # measured ~0.75 after 4 epochs; chance is 0.1
-    assert final["parent/val_acc"] > 0.8, final
+    assert final["child/val_acc"] > 0.8, final  # measured 0.91 after 4 epochs; chance is 0.1
+    assert final["parent/val_acc"] > 0.9, final  # measured 0.98
     assert "child/discrepancy" in final and final["child/discrepancy"] > 0
     from dcpnas.genotype import Genotype
 

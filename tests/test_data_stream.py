@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from pipeline.data.stream import ShardStream, buffer_order, round_robin
 from pipeline.data.transforms import EvalTransform, TrainTransform
 from pipeline.errors import UserError
 
-warnings.filterwarnings("ignore", message="This DataLoader will create")  # 3 workers on a 2-core machine
-PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def keys_of(batches: list) -> list[list[str]]:

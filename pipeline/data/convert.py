@@ -67,6 +67,8 @@ class Options:
 
 @dataclass
 class _Task:
+    """One shard to build: its inputs (file paths or pixels), where to commit it, and the plan fingerprint."""
+
     split: str
     index: int
     keys: list[str]

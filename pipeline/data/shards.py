@@ -166,6 +166,7 @@ class ShardWriter:
         self.manifest = Manifest(classes=list(classes), splits={}, source=source or {})
         self.shard_bytes, self.row_group_rows = shard_bytes, row_group_rows
         self._pending: dict[str, tuple[list[str], list[int], list[bytes]]] = {}
+        self._pending_bytes: dict[str, int] = {}
 
     def _split(self, split: str) -> SplitInfo:
         return self.manifest.splits.setdefault(split, SplitInfo([], [0] * len(self.manifest.classes)))
@@ -178,7 +179,8 @@ class ShardWriter:
         keys.append(key)
         labels.append(label)
         images.append(image)
-        if sum(map(len, images)) >= self.shard_bytes:
+        self._pending_bytes[split] = self._pending_bytes.get(split, 0) + len(image)
+        if self._pending_bytes[split] >= self.shard_bytes:
             self._flush(split)
 
     def skip(self, split: str, source: str, reason: str) -> None:
@@ -187,6 +189,7 @@ class ShardWriter:
 
     def _flush(self, split: str) -> None:
         keys, labels, images = self._pending.pop(split, ([], [], []))
+        self._pending_bytes.pop(split, None)
         if keys:
             info = self._split(split)
             relpath = shard_path(split, len(info.shards))
@@ -243,15 +246,15 @@ class ShardDataset:
 
     def _check_files(self) -> None:
         for name, info in self.manifest.splits.items():
-            dirs = {posixpath.dirname(self.path(s)) for s in info.shards}
+            folders = {posixpath.dirname(self.path(s)) for s in info.shards}
             try:
                 sizes = {
-                    self.fs._strip_protocol(e["name"]): e["size"] for d in dirs for e in self.fs.ls(d, detail=True)
+                    (d, posixpath.basename(e["name"])): e["size"] for d in folders for e in self.fs.ls(d, detail=True)
                 }
             except FileNotFoundError:
                 sizes = {}
             for s in info.shards:
-                size = sizes.get(self.fs._strip_protocol(self.path(s)))
+                size = sizes.get((posixpath.dirname(self.path(s)), posixpath.basename(s.path)))
                 if size != s.size:
                     state = "is missing" if size is None else f"has {size} bytes, the manifest says {s.size}"
                     raise UserError(f"shard {s.path} of split {name!r} in {self.uri} {state}")
@@ -274,7 +277,7 @@ class ShardDataset:
             with ThreadPoolExecutor(8) as pool:
                 tables = list(pool.map(lambda s: self.open_shard(s).read(columns=["key", "label"]), shards))
             table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-            keys = table.column("key").to_numpy(zero_copy_only=False).astype(object)
+            keys = table.column("key").to_numpy(zero_copy_only=False)
             lookup = {k: i for i, k in enumerate(keys)}
             if len(lookup) != len(keys):
                 raise UserError(f"split {split!r} of {self.uri} has duplicate keys")

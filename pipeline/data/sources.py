@@ -65,7 +65,8 @@ def _images(fs: fsspec.AbstractFileSystem, path: str, maxdepth: int | None = Non
 def _inputs(split_dir: str, files: list[tuple[str, int]], labels: list[int]) -> Inputs:
     """Keys are paths relative to the split folder (unique, and readable in skip lists)."""
     keys = [p[len(split_dir) + 1 :] for p, _ in files]
-    return Inputs(keys, np.array(labels, np.int64), np.array([s for _, s in files]), paths=[p for p, _ in files])
+    sizes = np.array([s for _, s in files], np.int64)
+    return Inputs(keys, np.array(labels, np.int64), sizes, paths=[p for p, _ in files])
 
 
 def _folder_split(fs: fsspec.AbstractFileSystem, split_dir: str, classes: list[str]) -> Inputs:

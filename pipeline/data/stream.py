@@ -94,30 +94,16 @@ class ShardStream(IterableDataset):
         pin_memory: bool = False,
     ) -> None:
         self.ds = data if isinstance(data, ShardDataset) else ShardDataset(data)
-        self.split, self.transform, self.return_keys, self.pin_memory = split, transform, return_keys, pin_memory
-        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist_on else 0)
-        self.world_size = (
-            world_size if world_size is not None else (torch.distributed.get_world_size() if dist_on else 1)
-        )
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle, self.drop_last, self.shuffle_buffer, self.readahead = (
-            shuffle,
-            drop_last,
-            shuffle_buffer,
-            readahead,
-        )
-        if (
-            not 0 <= self.rank < self.world_size
-            or seed < 0
-            or num_workers < 0
-            or (batch_size or 1) < 1
-            or readahead < 1
-        ):
-            raise ValueError(
-                f"bad stream settings: rank={self.rank} world_size={self.world_size} seed={seed} "
-                f"num_workers={num_workers} batch_size={batch_size} readahead={readahead}"
-            )
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else torch.distributed.get_rank() if dist else 0
+        self.world_size = world_size if world_size is not None else torch.distributed.get_world_size() if dist else 1
+        self.split, self.batch_size, self.transform, self.num_workers = split, batch_size, transform, num_workers
+        self.seed, self.shuffle, self.drop_last, self.shuffle_buffer = seed, shuffle, drop_last, shuffle_buffer
+        self.readahead, self.return_keys, self.pin_memory = readahead, return_keys, pin_memory
+        bad_batch = batch_size is not None and batch_size < 1
+        if not 0 <= self.rank < self.world_size or min(seed, num_workers, readahead - 1) < 0 or bad_batch:
+            settings = f"rank {self.rank} of {self.world_size}, seed {seed}, num_workers {num_workers}"
+            raise ValueError(f"bad stream settings: {settings}, batch_size {batch_size}, readahead {readahead}")
         if num_workers and isinstance(self.ds.fs, MemoryFileSystem) and multiprocessing.get_start_method() != "fork":
             raise UserError(f"{self.ds.uri} is process-local (memory://): use num_workers=0 or a shared filesystem")
         self.shards: list[ShardInfo] = self.ds.split(split).shards
@@ -271,7 +257,9 @@ class ShardStream(IterableDataset):
         table = files.get(self.shards[self._unit_shard[u]]).read_row_group(
             int(self._unit_group[u]), columns=["key", "label", "image"], use_threads=False
         )
-        table = table.take(rows - self._unit_start[u])
+        local = rows - self._unit_start[u]
+        contiguous = local[-1] - local[0] + 1 == len(local)  # the usual case: slice, no copy
+        table = table.slice(int(local[0]), len(local)) if contiguous else table.take(local)
         return list(zip(*(table.column(c).to_pylist() for c in ("key", "label", "image"))))
 
     def _collate(self, rows: list[Row], batch_index: int) -> Any:

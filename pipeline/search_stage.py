@@ -1,0 +1,180 @@
+"""One search as a Ray Train ``TorchTrainer``: DDP over the supernets' weights, explicit averaging
+of architecture gradients, sharded streaming input, a checkpoint of the whole search per epoch.
+
+The Ray touch points are the numbered blocks in ``search_worker`` and ``fit_search``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dcpnas.checkpoint import load_checkpoint, save_checkpoint
+from dcpnas.search import PHASES, Batch, DCPNASSearch
+from pipeline.config import Config
+from pipeline.data.shards import open_dataset
+from pipeline.data.splits import SearchSplit, balanced_split
+from pipeline.data.stream import ShardStream
+from pipeline.data.transforms import EvalTransform, TrainTransform
+
+CHECKPOINT_FILE = "search.pt"
+
+
+def allreduce_mean(t: Tensor) -> Tensor:
+    """Average across ranks (a copy): architecture gradients, tangents, metrics."""
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def ddp(module: nn.Module) -> nn.Module:
+    """DDP for weight steps; ``alpha`` gets no gradient there (weight steps use it detached) and is
+    averaged explicitly in architecture steps.
+
+    ``find_unused_parameters`` accounts for ``alpha``: DDP's ignore list
+    (``_set_params_and_buffers_to_ignore_for_model``) fails its second iteration under torch 2.13.
+    """
+    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def make_split(cfg: Config) -> SearchSplit:
+    """The class-balanced weights/arch split of the search data (identical for every trial)."""
+    keys, labels = open_dataset(cfg.data.uri).index(cfg.data.split)
+    d = cfg.data
+    return balanced_split(
+        list(keys), list(labels), {"weights": d.weight_fraction, "arch": d.arch_fraction}, d.split_seed, d.uri
+    )
+
+
+@dataclass
+class StreamSearchData:
+    """``SearchData`` over shard streams: paired weight/arch batches; the held-out split for evaluation."""
+
+    weights: ShardStream
+    arch: ShardStream
+    held_out: ShardStream
+
+    @classmethod
+    def open(cls, cfg: Config, split: SearchSplit, rank: int = 0, world_size: int = 1) -> StreamSearchData:
+        d = cfg.data
+        if d.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size {d.batch_size} is the global batch: it must divide by {world_size} workers"
+            )
+        norm = {"mean": tuple(d.mean), "std": tuple(d.std)}
+        train = TrainTransform(d.image_size, scale=tuple(d.crop_scale), flip=d.flip, **norm)
+        common = dict(
+            batch_size=d.batch_size // world_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=d.loader_workers,
+            seed=cfg.search.seed,
+        )
+        return cls(
+            ShardStream(d.uri, d.split, transform=train, keys=split.parts["weights"], **common),
+            ShardStream(d.uri, d.split, transform=train, keys=split.parts["arch"], **common),
+            ShardStream(
+                d.uri,
+                d.eval_split,
+                transform=EvalTransform(d.image_size, crop_fraction=1.0, **norm),
+                shuffle=False,
+                drop_last=False,
+                **common,
+            ),
+        )
+
+    def batches(self, epoch: int, phase: str, start: int = 0) -> Iterator[tuple[Batch, Batch]]:
+        # Each phase of each epoch reads its own order; equal batch counts on every rank (drop_last).
+        for stream in (self.weights, self.arch):
+            stream.set_epoch(2 * epoch + PHASES.index(phase))
+        for i, pair in enumerate(zip(self.weights, self.arch)):
+            if i >= start:
+                yield pair
+
+    def eval_batches(self) -> Iterator[Batch]:
+        self.held_out.set_epoch(0)
+        yield from self.held_out
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def search_worker(task: dict[str, Any]) -> None:
+    """Ray Train worker: one DDP rank of one DCP-NAS search."""
+    import ray.train
+
+    cfg = Config.model_validate(task["config"])
+    torch.set_num_threads(max(cfg.threads, 1))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = world > 1
+
+    # 1. data: each rank streams its own slice of the shards
+    data = StreamSearchData.open(cfg, SearchSplit.load(task["split_uri"]), rank, world)
+    # 2. model: both supernets, DDP for weight steps, explicit mean for architecture terms
+    search = DCPNASSearch(
+        cfg.search_config(), wrap=ddp if distributed else None, reduce_mean=allreduce_mean if distributed else None
+    )
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            search.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+
+    def on_epoch_end(s: DCPNASSearch, metrics: dict[str, Any]) -> None:
+        # 3. report: metrics from every rank, the checkpoint from rank 0 (states are identical)
+        hashes = [None] * world
+        if distributed:
+            dist.all_gather_object(hashes, metrics["genotype_hash"])
+        agree = not distributed or len(set(hashes)) == 1
+        payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(s.state_dict(), Path(tmp) / CHECKPOINT_FILE)
+                s.genotype().save(Path(tmp) / "genotype.json")
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(payload, checkpoint=ckpt)
+        if not agree:
+            raise RuntimeError(f"ranks derived different genotypes at epoch {metrics['epoch']}: {hashes}")
+
+    search.run(data, on_epoch_end=on_epoch_end)
+
+
+def fit_search(
+    cfg: Config,
+    split_uri: str,
+    storage_path: str,
+    name: str,
+    workers: int,
+    cpus_per_worker: float = 1.0,
+    use_gpu: bool = False,
+    max_failures: int = 2,
+) -> Any:
+    """Run (or resume, same ``name`` + ``storage_path``) one search; returns the Ray Train result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # 4. fit: one worker per DDP rank; failures restart from the last reported checkpoint
+    trainer = TorchTrainer(
+        search_worker,
+        train_loop_config={"config": cfg.resolved(), "split_uri": split_uri},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
