@@ -239,8 +239,10 @@ class DCPNASSearch:
 
     # ---- one step of each phase ----------------------------------------------------------------
     def _weight_step(self, name: str, model: nn.Module, loss: Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise DivergedError(f"{name} loss is {loss.item()} at epoch {self.epoch} step {self.step}")
+        # Decided across ranks: one rank raising while the others wait in DDP's all-reduce would hang them.
+        if self.reduce(torch.isfinite(loss.detach()).logical_not().double().view(1)).item() > 0:
+            where = "" if torch.isfinite(loss) else f" ({loss.item()})"
+            raise DivergedError(f"{name} loss is not finite{where} at epoch {self.epoch} step {self.step}")
         opt = self.opt[f"{name}_w"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

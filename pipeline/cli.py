@@ -12,12 +12,13 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import genotype_cli, search_cli
+    from pipeline import genotype_cli, search_cli, sweep
     from pipeline.data import cli as data_cli
 
     parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     search_cli.register(sub)
+    sweep.register(sub)
     data_cli.register(sub)
     genotype_cli.register(sub)
     return parser

@@ -64,6 +64,34 @@ class DataSection(BaseModel):
         return self
 
 
+class SweepSection(BaseModel):
+    """A Ray Tune grid of searches: every seed × every space, each trial one ``TorchTrainer``.
+
+    A trial reserves ``trial_cpus`` (its Tune driver function) plus ``workers`` × ``cpus_per_worker``
+    (its DDP ranks). Fractions are scheduling tokens: on 2 cores, 0.5 + 1 × 0.5 lets two trials run
+    side by side; whole CPUs for both would deadlock (stack-notes §3.2).
+    """
+
+    model_config = STRICT
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    spaces: list[str] = Field(default_factory=lambda: ["dcpnas_3x3", "dcpnas_conv"], min_length=1)
+    workers: int = Field(1, gt=0)  # DDP ranks per trial
+    cpus_per_worker: float = Field(0.5, gt=0)
+    trial_cpus: float = Field(0.5, gt=0)  # the trial's driver function; Tune refuses 0
+    gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(2, ge=0)  # restarts of a failed trial (Tune) and of its workers (Train)
+    storage_path: str | None = None  # Ray results/checkpoints; default <output_dir>/<name>/ray
+    num_cpus: float | None = Field(None, gt=0)  # local Ray only (no RAY_ADDRESS); default: the machine's
+
+
+class TrackingSection(BaseModel):
+    """MLflow: ``uri`` None → ``MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns/mlflow.db``; experiment → name."""
+
+    model_config = STRICT
+    uri: str | None = None
+    experiment: str | None = None
+
+
 class Config(BaseModel):
     """The whole experiment."""
 
@@ -73,6 +101,8 @@ class Config(BaseModel):
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
     data: DataSection = DataSection()
     search: SearchSection = SearchSection()  # type: ignore[valid-type]
+    sweep: SweepSection = SweepSection()
+    tracking: TrackingSection = TrackingSection()
 
     def search_config(self) -> SearchConfig:
         try:

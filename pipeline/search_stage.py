@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dcpnas.checkpoint import load_checkpoint, save_checkpoint
-from dcpnas.search import PHASES, Batch, DCPNASSearch
+from dcpnas.search import PHASES, Batch, DCPNASSearch, DivergedError
 from pipeline.config import Config
 from pipeline.data.shards import open_dataset
 from pipeline.data.splits import SearchSplit, balanced_split
@@ -25,6 +25,7 @@ from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import EvalTransform, TrainTransform
 
 CHECKPOINT_FILE = "search.pt"
+ALPHA_HISTORY_FILE = "alpha_history.pt"  # only with tracking: the alphas of every epoch, for the history plot
 
 
 def allreduce_mean(t: Tensor) -> Tensor:
@@ -108,7 +109,13 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def search_worker(task: dict[str, Any]) -> None:
-    """Ray Train worker: one DDP rank of one DCP-NAS search."""
+    """Ray Train worker: one DDP rank of one DCP-NAS search.
+
+    ``task``: ``config`` (resolved), ``split_uri``; optionally ``tracking`` (a ``TrackingContext``)
+    and ``run_id``: then rank 0 logs every epoch and the final genotype into that MLflow run and
+    finishes it; a divergence stops all ranks together, marks the run FAILED and ends the worker
+    normally (so neither Ray Train nor Tune retries a deterministic failure).
+    """
     import ray.train
 
     cfg = Config.model_validate(task["config"])
@@ -116,6 +123,11 @@ def search_worker(task: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     distributed = world > 1
+    tracking_ctx, run_id = task.get("tracking"), task.get("run_id")
+    tracked = tracking_ctx is not None and run_id is not None
+    logs = tracked and rank == 0  # one writer per run
+    if logs:
+        from pipeline import tracking
 
     # 1. data: each rank streams its own slice of the shards
     data = StreamSearchData.open(cfg, SearchSplit.load(task["split_uri"]), rank, world)
@@ -123,10 +135,13 @@ def search_worker(task: dict[str, Any]) -> None:
     search = DCPNASSearch(
         cfg.search_config(), wrap=ddp if distributed else None, reduce_mean=allreduce_mean if distributed else None
     )
+    alpha_history: list[Tensor] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             search.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+            if tracked and (Path(d) / ALPHA_HISTORY_FILE).exists():
+                alpha_history = list(torch.load(Path(d) / ALPHA_HISTORY_FILE, weights_only=True))
 
     def on_epoch_end(s: DCPNASSearch, metrics: dict[str, Any]) -> None:
         # 3. report: metrics from every rank, the checkpoint from rank 0 (states are identical)
@@ -135,17 +150,36 @@ def search_worker(task: dict[str, Any]) -> None:
             dist.all_gather_object(hashes, metrics["genotype_hash"])
         agree = not distributed or len(set(hashes)) == 1
         payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
+        if tracked:
+            alpha_history.append(s.child.alpha.detach().clone())
+        if logs:
+            tracking.log_epoch(tracking_ctx, run_id, payload, step=int(metrics["epoch"]))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 save_checkpoint(s.state_dict(), Path(tmp) / CHECKPOINT_FILE)
                 s.genotype().save(Path(tmp) / "genotype.json")
+                if tracked:
+                    torch.save(torch.stack(alpha_history), Path(tmp) / ALPHA_HISTORY_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(payload, checkpoint=ckpt)
         if not agree:
             raise RuntimeError(f"ranks derived different genotypes at epoch {metrics['epoch']}: {hashes}")
 
-    search.run(data, on_epoch_end=on_epoch_end)
+    try:
+        genotype = search.run(data, on_epoch_end=on_epoch_end)
+    except DivergedError as e:  # raised on every rank at the same step (decided by all ranks)
+        reason = f"diverged: {e}"
+        if logs:
+            tracking.finish_run(tracking_ctx, run_id, "FAILED", reason=reason)
+        ray.train.report({"diverged": True, "failure_reason": reason, "epoch": search.epoch})
+        return
+    if logs:
+        alpha = search.child.alpha.detach()
+        tracking.log_genotype(
+            tracking_ctx, run_id, genotype, alpha=alpha, alpha_history=alpha_history or None, space=search.space
+        )
+        tracking.finish_run(tracking_ctx, run_id, "FINISHED")
 
 
 def fit_search(
@@ -157,24 +191,36 @@ def fit_search(
     cpus_per_worker: float = 1.0,
     use_gpu: bool = False,
     max_failures: int = 2,
+    *,
+    gpus_per_worker: float | None = None,
+    tracking: Any = None,
+    run_id: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Any:
-    """Run (or resume, same ``name`` + ``storage_path``) one search; returns the Ray Train result."""
+    """Run (or resume, same ``name`` + ``storage_path``) one search; returns the Ray Train result.
+
+    ``tracking`` (a ``TrackingContext``) + ``run_id``: rank 0 logs into that MLflow run (see
+    ``search_worker``). ``callbacks``: Ray Train callbacks, e.g. ``TuneReportCallback`` in a sweep.
+    ``gpus_per_worker``: fractional GPUs per rank when ``use_gpu`` (default 1).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    per_worker: dict[str, float] = {"CPU": cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = 1.0 if gpus_per_worker is None else gpus_per_worker
     # 4. fit: one worker per DDP rank; failures restart from the last reported checkpoint
     trainer = TorchTrainer(
         search_worker,
-        train_loop_config={"config": cfg.resolved(), "split_uri": split_uri},
+        train_loop_config={"config": cfg.resolved(), "split_uri": split_uri, "tracking": tracking, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()

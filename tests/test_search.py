@@ -116,5 +116,5 @@ def test_divergence_is_reported() -> None:
     from dcpnas.search import DivergedError
 
     s = DCPNASSearch(tiny_config(parent_lr=float("nan")))
-    with pytest.raises(DivergedError, match="parent loss is nan"):
+    with pytest.raises(DivergedError, match="parent loss is not finite \\(nan\\)"):
         s.run(tiny_data())

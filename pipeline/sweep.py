@@ -1,0 +1,330 @@
+"""``dcpnas sweep``: a Ray Tune grid of searches (seeds × spaces), each trial a ``TorchTrainer``, tracked in MLflow.
+
+Order of a sweep (``run_sweep``): check the MLflow store (seconds, before any compute), make the
+search data (digits shards when none are given) and the weights/arch split once, open or reopen
+the parent sweep run, start (or join) Ray, then run or resume the Tune grid. Every trial opens its
+nested MLflow run by trial key, so re-running a sweep reuses runs and skips finished trials.
+See docs/search.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Trial:
+    seed: int
+    space: str
+
+    @property
+    def key(self) -> str:
+        """The MLflow trial key (run name): ``seed=0,space=dcpnas_3x3``."""
+        return f"seed={self.seed},space={self.space}"
+
+    @property
+    def train_name(self) -> str:
+        """The Ray Train run name under the sweep's storage (directory-safe)."""
+        return f"search-seed{self.seed}-{self.space}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    trials: list[Trial]
+    workers: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    cluster_cpus: float
+    cluster_gpus: float
+    max_concurrent: int
+
+    def describe(self) -> str:
+        lines = [
+            f"trials: {len(self.trials)} ({', '.join(t.key for t in self.trials)})",
+            f"workers per trial (DDP ranks): {self.workers}",
+            f"CPUs per trial: {self.cpus_per_trial:g}  GPUs per trial: {self.gpus_per_trial:g}",
+            f"cluster: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs",
+            f"max concurrent trials: {self.max_concurrent}",
+        ]
+        return "\n".join(lines)
+
+
+def plan(cfg: Config, cluster_resources: dict[str, float]) -> Plan:
+    """Trials and how many fit at once; ``UserError`` when a single trial can never be scheduled."""
+    s = cfg.sweep
+    trials = [Trial(seed, space) for seed in s.seeds for space in s.spaces]
+    cpus = s.trial_cpus + s.workers * s.cpus_per_worker
+    gpus = s.workers * s.gpus_per_worker
+    have_cpu = float(cluster_resources.get("CPU", 0))
+    have_gpu = float(cluster_resources.get("GPU", 0))
+    if cpus > have_cpu + EPS or gpus > have_gpu + EPS:
+        raise UserError(
+            f"one sweep trial needs {cpus:g} CPUs ({s.trial_cpus:g} + {s.workers} workers × {s.cpus_per_worker:g}) "
+            f"and {gpus:g} GPUs ({s.workers} × {s.gpus_per_worker:g}), but the cluster has {have_cpu:g} CPUs and "
+            f"{have_gpu:g} GPUs: it can never run; lower sweep.workers / sweep.cpus_per_worker / "
+            "sweep.trial_cpus / sweep.gpus_per_worker or add nodes"
+        )
+    fit = math.floor(have_cpu / cpus + EPS)
+    if gpus > 0:
+        fit = min(fit, math.floor(have_gpu / gpus + EPS))
+    return Plan(trials, s.workers, cpus, gpus, have_cpu, have_gpu, max(1, min(fit, len(trials))))
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.sweep.storage_path or str((cfg.run_dir() / "ray").resolve())
+
+
+def search_data(cfg: Config, log: Any = print) -> Config:
+    """The config the trials read: ``digits`` without a URI → shards converted once into ``<run_dir>/data/shards``."""
+    if cfg.data.source == "shards" or cfg.data.uri:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "shards"})})
+    from pipeline.data.convert import Options, convert
+    from pipeline.data.sources import digits
+
+    out = (cfg.run_dir() / "data" / "shards").resolve()
+    log(f"search data: digits shards at {out}")
+    convert(digits(), str(out), Options(workers=1, progress=False))  # resumes, or returns the finished one
+    tree = cfg.resolved()
+    tree["data"].update(source="shards", uri=str(out))
+    return Config.model_validate(tree)
+
+
+def trial_config(cfg: Config, trial: Trial) -> Config:
+    tree = cfg.resolved()
+    tree["search"].update(seed=trial.seed, space=trial.space)
+    return Config.model_validate(tree)
+
+
+def _ray_init(cfg: Config) -> bool:
+    """Join ``RAY_ADDRESS`` or start a local Ray; True when this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=cfg.sweep.num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+        )
+    return True
+
+
+def _existing_trials(ctx: Any, parent: str) -> dict[str, dict[str, Any]]:
+    from pipeline import tracking
+
+    return {t["tags"].get(tracking.TRIAL_KEY_TAG): t for t in tracking.search_trials(ctx, parent)}
+
+
+def _summary(trial: Trial, run: dict[str, Any], skipped: bool) -> dict[str, Any]:
+    from pipeline import tracking
+
+    reason = run["tags"].get(tracking.FAILURE_TAG, "")
+    return {
+        "trial_key": trial.key,
+        "seed": trial.seed,
+        "space": trial.space,
+        "run_id": run["run_id"],
+        "status": run["status"],
+        "diverged": reason.startswith("diverged"),
+        "failure_reason": reason,
+        "genotype_hash": run["tags"].get("genotype_hash", ""),
+        "skipped": skipped,
+        **{f"final/{k}": v for k, v in run["metrics"].items()},
+    }
+
+
+def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
+    """Tune function trainable: one search (a ``TorchTrainer``) and its nested MLflow run.
+
+    ``params`` (Tune's trial config, saved with the experiment): ``config``, ``seed``, ``space``.
+    ``run`` (``tune.with_parameters``, given anew on every start or restore): the tracking context
+    (its served URI changes between runs), parent run id, split, storage.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline import tracking
+    from pipeline.search_stage import fit_search
+
+    cfg = Config.model_validate(params["config"])
+    ctx, parent = run["tracking"], run["parent_run_id"]
+    trial = Trial(int(params["seed"]), str(params["space"]))
+    found = _existing_trials(ctx, parent).get(trial.key)
+    if found is not None and (
+        found["status"] == "FINISHED" or found["tags"].get(tracking.FAILURE_TAG, "").startswith("diverged")
+    ):
+        tune.report(_summary(trial, found, skipped=True))  # finished, or diverged deterministically: keep it
+        return
+    tags = {"stage": "search", "space": trial.space, "seed": trial.seed, "split_sha256": run["split_sha256"]}
+    run_id = tracking.start_trial_run(ctx, parent, trial.key, tags)
+    s = cfg.sweep
+    result = fit_search(
+        trial_config(cfg, trial),
+        run["split_uri"],
+        run["storage_path"],
+        trial.train_name,
+        workers=s.workers,
+        cpus_per_worker=s.cpus_per_worker,
+        use_gpu=s.gpus_per_worker > 0,
+        max_failures=s.max_failures,
+        gpus_per_worker=s.gpus_per_worker or None,
+        tracking=ctx,
+        run_id=run_id,
+        callbacks=[TuneReportCallback()],
+    )
+    if result.error is not None:
+        tracking.finish_run(ctx, run_id, "FAILED", reason=f"error: {result.error}"[:4000])
+        raise RuntimeError(f"trial {trial.key} failed") from result.error
+    found = _existing_trials(ctx, parent)[trial.key]
+    if found["status"] == "RUNNING":  # rank 0 normally finishes the run; never leave it open
+        tracking.finish_run(ctx, run_id, "FINISHED")
+        found = _existing_trials(ctx, parent)[trial.key]
+    tune.report(_summary(trial, found, skipped=False))
+
+
+def _save_split(cfg: Config, log: Any) -> tuple[str, str]:
+    from pipeline.data.splits import SearchSplit
+    from pipeline.search_stage import make_split
+
+    split = make_split(cfg)
+    path = (cfg.run_dir() / "split.json").resolve()
+    if path.exists():
+        try:
+            if SearchSplit.load(str(path)).sha256 == split.sha256:
+                return str(path), split.sha256
+        except Exception:  # a damaged or modified split file is rewritten below
+            pass
+    h = split.save(str(path))
+    log(f"split {h[:12]} -> {path}")
+    return str(path), h
+
+
+def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
+    """Run or resume the whole sweep; returns one dict per trial (run id, status, genotype hash, metrics)."""
+    from pipeline import tracking
+
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)  # fails fast, before compute
+    started = _ray_init(cfg)
+    try:
+        import ray
+
+        p = plan(cfg, ray.cluster_resources())  # a trial that can never fit fails here, before any data work
+        log(p.describe())
+        cfg = search_data(cfg, log)
+        split_uri, split_sha = _save_split(cfg, log)
+        storage = storage_path(cfg)
+        with tracking.serving(ctx) as served:
+            sweep_tags = {"seeds": ",".join(map(str, cfg.sweep.seeds)), "spaces": ",".join(cfg.sweep.spaces)}
+            sweep_tags["split_sha256"] = split_sha
+            parent = tracking.start_sweep_run(served, "sweep", cfg.resolved(), sweep_tags)
+            tracking._client(served.uri).log_artifact(parent, split_uri, "split")
+            results = _tune(cfg, p, served, parent, split_uri, split_sha, storage, log)
+            trials = _existing_trials(served, parent)
+            failed = [r["trial_key"] for r in results if r.get("status") not in ("FINISHED",) and not r.get("diverged")]
+            tracking.finish_run(served, parent, "FAILED" if failed else "FINISHED", reason=", ".join(failed) or None)
+            out = []
+            for t in p.trials:
+                r = next((r for r in results if r.get("trial_key") == t.key), None)
+                run = trials.get(t.key)
+                out.append({**(r or {}), **(_summary(t, run, bool(r and r.get("skipped"))) if run else {})})
+            return out
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _tune(
+    cfg: Config, p: Plan, ctx: Any, parent: str, split_uri: str, split_sha: str, storage: str, log: Any
+) -> list[dict[str, Any]]:
+    from ray import tune
+
+    run = {
+        "tracking": ctx,
+        "parent_run_id": parent,
+        "split_uri": split_uri,
+        "split_sha256": split_sha,
+        "storage_path": f"{storage.rstrip('/')}/trials",
+    }
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, run=run), {"cpu": cfg.sweep.trial_cpus})
+    name = f"sweep-{cfg.hash[:12]}"
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        log(f"resuming Tune experiment {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        param_space = {
+            "config": cfg.resolved(),
+            "seed": tune.grid_search(list(cfg.sweep.seeds)),
+            "space": tune.grid_search(list(cfg.sweep.spaces)),
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=p.max_concurrent),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    out = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        if r.error is not None:
+            m.setdefault("status", "ERROR")
+            m["error"] = str(r.error)
+            m.setdefault("trial_key", Trial(r.config["seed"], r.config["space"]).key)
+        out.append(m)
+    return out
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        print(plan(cfg, _resources_without_compute(cfg)).describe())
+        return 0
+    for r in run_sweep(cfg):
+        status = "diverged" if r.get("diverged") else r.get("status", "?")
+        print(f"{r.get('trial_key')}: {status}  genotype {str(r.get('genotype_hash', ''))[:12]}  run {r.get('run_id')}")
+    return 0
+
+
+def _resources_without_compute(cfg: Config) -> dict[str, float]:
+    """The cluster a dry run plans for: the running cluster at ``RAY_ADDRESS``, else this machine."""
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            return dict(ray.cluster_resources())
+        finally:
+            ray.shutdown()
+    return {"CPU": float(cfg.sweep.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep of searches (seeds x spaces), tracked in MLflow")
+    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, concurrency) and exit")
+    p.set_defaults(func=_cmd_sweep)

@@ -1,0 +1,161 @@
+"""The sweep: plan arithmetic, the dry run, and a real 2 seeds × 2 spaces Tune sweep tracked in MLflow."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import Config, load_config
+from pipeline.errors import UserError
+from pipeline.sweep import plan
+
+
+def sweep_config(out: Path, *sets: str) -> Config:
+    return load_config(None, [f"output_dir={out}", *sets])
+
+
+def test_plan_counts_trials_resources_and_concurrency(tmp_path) -> None:
+    cfg = sweep_config(tmp_path)  # defaults: 2 seeds × 2 spaces, 0.5 + 1 × 0.5 CPUs per trial
+    p = plan(cfg, {"CPU": 2})
+    assert [t.key for t in p.trials] == [
+        "seed=0,space=dcpnas_3x3",
+        "seed=0,space=dcpnas_conv",
+        "seed=1,space=dcpnas_3x3",
+        "seed=1,space=dcpnas_conv",
+    ]
+    assert (p.cpus_per_trial, p.gpus_per_trial, p.max_concurrent) == (1.0, 0.0, 2)
+    wide = sweep_config(tmp_path, "sweep.workers=2", "sweep.seeds=[0,1,2]", "sweep.spaces=[dcpnas]")
+    p = plan(wide, {"CPU": 16})
+    assert (len(p.trials), p.cpus_per_trial, p.max_concurrent) == (3, 1.5, 3)  # capped by the trial count
+    gpu = sweep_config(tmp_path, "sweep.workers=2", "sweep.gpus_per_worker=1", "sweep.cpus_per_worker=1")
+    p = plan(gpu, {"CPU": 64, "GPU": 4})
+    assert (p.cpus_per_trial, p.gpus_per_trial, p.max_concurrent) == (2.5, 2.0, 2)  # GPUs bind first
+
+
+def test_plan_refuses_a_trial_that_can_never_fit(tmp_path) -> None:
+    cfg = sweep_config(tmp_path, "sweep.workers=2", "sweep.cpus_per_worker=1")
+    with pytest.raises(UserError, match=r"needs 2.5 CPUs .* cluster has 2 CPUs"):
+        plan(cfg, {"CPU": 2})
+    gpu = sweep_config(tmp_path, "sweep.gpus_per_worker=1")
+    with pytest.raises(UserError, match=r"1 GPUs .* 0 GPUs"):
+        plan(gpu, {"CPU": 8})
+
+
+def test_sweep_section_is_strict(tmp_path) -> None:
+    with pytest.raises(UserError, match=r"sweep\.bogus"):
+        sweep_config(tmp_path, "sweep.bogus=1")
+    assert sweep_config(tmp_path).tracking.uri is None
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys) -> None:
+    rc = main(["sweep", "--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "trials: 4" in out and "seed=1,space=dcpnas_conv" in out
+    assert "CPUs per trial: 1  GPUs per trial: 0" in out
+    assert "max concurrent trials: 2" in out
+    assert not (tmp_path / "demo").exists()  # no data, no Ray storage, no tracking store
+
+
+def test_dry_run_reports_an_impossible_trial(tmp_path, capsys) -> None:
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=1", "--set", "sweep.workers=2"]
+    rc = main(["sweep", *sets, "--dry-run"])
+    assert rc == 2
+    assert "can never run" in capsys.readouterr().err
+
+
+TINY = [
+    "data.batch_size=32",
+    "data.weight_fraction=0.1",
+    "data.arch_fraction=0.1",
+    "search.init_channels=4",
+    "search.layers=3",
+    "search.epochs=1",  # 2 epochs with warmup 1: 257 s for the 4 trials on a loaded 2-core machine
+    "search.warmup_epochs=0",
+    "search.arch_lr=0.01",
+    "sweep.num_cpus=2",
+    "sweep.max_failures=0",
+]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_logs_one_nested_run_per_trial_and_reruns_without_duplicates(tmp_path) -> None:
+    from pipeline import tracking
+    from pipeline.sweep import run_sweep
+
+    db = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    cfg = sweep_config(tmp_path, *TINY, f"tracking.uri={db}", "name=sweeptest")
+    t0 = time.monotonic()
+    first = run_sweep(cfg)
+    took = time.monotonic() - t0
+    assert len(first) == 4, first
+    assert all(r["status"] == "FINISHED" and r["genotype_hash"] for r in first), first
+    print(f"4-trial sweep: {took:.1f} s")
+
+    ctx = tracking.prepare(db, "sweeptest")
+    parents = tracking._client(ctx.uri).search_runs([ctx.experiment_id], "tags.stage = 'sweep'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["split_sha256"]
+    trials = tracking.search_trials(ctx, parent.info.run_id)
+    assert len(trials) == 4
+    assert {t["tags"]["trial_key"] for t in trials} == {r["trial_key"] for r in first}
+    for t in trials:
+        assert t["status"] == "FINISHED"
+        assert t["tags"]["genotype_hash"] == t["params"]["genotype.hash"]
+        assert t["tags"]["stage"] == "search" and t["tags"]["seed"] in ("0", "1")
+        assert "child/val_acc" in t["metrics"]
+        genotype, run_id = tracking.find_genotype(ctx, t["run_id"])
+        assert run_id == t["run_id"] and genotype.hash == t["tags"]["genotype_hash"]
+        assert genotype.space == t["tags"]["space"]
+        files = {f.path for f in tracking._client(ctx.uri).list_artifacts(t["run_id"], "genotype")}
+        assert {"genotype/genotype.json", "genotype/alpha_history.png", "genotype/alphas.png"} <= files
+
+    again = run_sweep(cfg)  # resumes the finished Tune experiment: same runs, nothing re-run
+    assert sorted(r["run_id"] for r in again) == sorted(t["run_id"] for t in trials)
+    assert [r["genotype_hash"] for r in again] == [r["genotype_hash"] for r in first]
+    assert len(tracking.search_trials(ctx, parent.info.run_id)) == 4
+    assert len(tracking._client(ctx.uri).search_runs([ctx.experiment_id], "")) == 5
+
+
+def _diverge_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from dcpnas.search import DCPNASSearch, DivergedError
+    from pipeline.search_stage import allreduce_mean, ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = load_config(None, ["search.init_channels=4", "search.layers=3"])
+    search = DCPNASSearch(cfg.search_config(), wrap=ddp, reduce_mean=allreduce_mean)
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)  # only rank 1 sees a bad batch
+    try:
+        search._weight_step("parent", search.parent, loss)
+        outcome = "no error"
+    except DivergedError as e:
+        outcome = f"diverged: {e}"
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_diverge_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0].startswith("diverged: parent loss is not finite on another rank"), outcomes
+    assert outcomes[1].startswith("diverged: parent loss is nan"), outcomes
