@@ -51,7 +51,15 @@ def uninterrupted() -> DCPNASSearch:
     return full
 
 
-@pytest.mark.parametrize("stop_after", [4, 7, 9, 11])  # warm-up child phase, arch parent phase, boundary, arch child
+@pytest.mark.parametrize(
+    "stop_after",
+    [  # warm-up child phase, arch-step parent phase, phase boundary, arch-step child phase
+        pytest.param(4, marks=pytest.mark.slow),
+        7,
+        pytest.param(9, marks=pytest.mark.slow),
+        11,
+    ],
+)
 def test_resume_gives_bitwise_identical_alphas(tmp_path, uninterrupted: DCPNASSearch, stop_after: int) -> None:
     cfg = tiny_config()
     full = uninterrupted
@@ -96,6 +104,7 @@ def test_architecture_is_inherited_both_ways_and_frozen_in_warmup() -> None:
     assert "child/discrepancy" in s.history[1] and "child/discrepancy" not in s.history[0]
 
 
+@pytest.mark.slow
 def test_phase_tangent_and_exact_hessian_variants_run() -> None:
     for overrides in ({"tangent": "phase"}, {"hessian": "exact"}, {"discrepancy": "cos", "decoupled": False}):
         s = DCPNASSearch(tiny_config(**overrides))
