@@ -7,6 +7,7 @@ Jacobian in both directions and stays symmetric positive semidefinite.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,57 +20,43 @@ def _sign(x: Tensor) -> Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-class SignSTE(torch.autograd.Function):
-    """sign(x) forward; clipped straight-through gradient 1_{|x|<=1} (Eq. 4.35)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)
-        return _sign(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= 1).to(grad.dtype)
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return tangent * (x.abs() <= 1).to(tangent.dtype)
+def ste_grad(x: Tensor) -> Tensor:
+    """Clipped straight-through derivative 1_{|x|<=1} (Eq. 4.35), for weights."""
+    return (x.abs() <= 1).to(x.dtype)
 
 
 def approx_sign_grad(x: Tensor) -> Tensor:
-    """Bi-Real ApproxSign derivative: 2+2x on [-1,0), 2-2x on [0,1), 0 elsewhere."""
+    """Bi-Real ApproxSign derivative: 2+2x on [-1,0), 2-2x on [0,1), 0 elsewhere, for activations."""
     return (2 - 2 * x.abs()) * (x.abs() < 1).to(x.dtype)
 
 
-class ApproxSign(torch.autograd.Function):
-    """sign(x) forward; Bi-Real-Net piecewise-polynomial surrogate gradient for activations."""
+class _SurrogateSign(torch.autograd.Function):
+    """sign(x) forward; backward and forward-mode derivative both multiply by ``surrogate(x)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, surrogate: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.surrogate = surrogate
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
         return _sign(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (x,) = ctx.saved_tensors
-        return grad * approx_sign_grad(x)
+        return grad * ctx.surrogate(x), None
 
     @staticmethod
-    def jvp(ctx, tangent: Tensor) -> Tensor:
+    def jvp(ctx, tangent: Tensor, _: None) -> Tensor:
         (x,) = ctx.saved_tensors
-        return tangent * approx_sign_grad(x)
+        return tangent * ctx.surrogate(x)
 
 
 def sign_ste(x: Tensor) -> Tensor:
-    return SignSTE.apply(x)
+    return _SurrogateSign.apply(x, ste_grad)
 
 
 def approx_sign(x: Tensor) -> Tensor:
-    return ApproxSign.apply(x)
+    return _SurrogateSign.apply(x, approx_sign_grad)
 
 
 @dataclass(frozen=True)
