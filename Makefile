@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Until the full pipeline command lands (issue 6), the demo is the single-process search on digits.
 run: $(STAMP)
-	$(BIN)/dcpnas run
+	$(BIN)/dcpnas search
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
