@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from dcpnas.search import DCPNASSearch
 from dcpnas.supernet import SuperNet, frozen_bn_stats
 
 
-def _load_bench():
+def _load_bench() -> ModuleType:
     """bench/ is not an installed package; load the script by path so any pytest invocation finds it."""
     path = Path(__file__).resolve().parents[1] / "bench" / "search_step.py"
     spec = importlib.util.spec_from_file_location("bench_search_step", path)
@@ -27,10 +29,11 @@ def _load_bench():
 
 bench = _load_bench()
 TINY = dict(channels=4, layers=3, space="dcpnas_3x3")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread() -> Iterator[None]:
     """Tiny ops gain nothing from a second thread and lose a lot to it on a shared 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -43,7 +46,7 @@ def tiny_parent() -> SuperNet:
     return bench.real_supernet(cfg).double().train()
 
 
-def unrolled_reference(model: SuperNet, train, val, xi: float, through_step: bool = True) -> torch.Tensor:
+def unrolled_reference(model: SuperNet, train: Batch, val: Batch, xi: float, through_step: bool = True) -> torch.Tensor:
     """d L_val(w', alpha) / d alpha, w' = w - xi dL_train/dw, by autograd (create_graph) through the virtual step.
 
     ``through_step=False`` holds w' fixed: only the direct term, without DARTS' Hessian term.
