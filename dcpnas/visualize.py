@@ -145,3 +145,27 @@ def plot_alpha_history(history: Sequence[Tensor], space: SearchSpace, path: str 
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_genotype_artifacts(
+    genotype: Genotype,
+    out: str | Path,
+    alpha: Tensor | None = None,
+    alpha_history: Sequence[Tensor] | None = None,
+    space: SearchSpace | None = None,
+) -> dict[str, Path]:
+    """The hand-off files of one search in ``out``: ``genotype.json``, both cell diagrams, and the
+    alpha heatmap / history when given. One writer for the CLI's run directory and MLflow's artifacts."""
+    from dcpnas.spaces import get_space
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    space = space or get_space(genotype.space)
+    files = {"genotype": genotype.save(out / "genotype.json")}
+    for cell in CELL_TYPES:
+        files[cell] = plot_cell(genotype, cell, out / f"{cell}.png")
+    if alpha is not None:
+        files["alphas"] = plot_alphas(alpha, space, out / "alphas.png")
+    if alpha_history is not None:
+        files["alpha_history"] = plot_alpha_history(alpha_history, space, out / "alpha_history.png")
+    return files

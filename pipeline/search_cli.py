@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
@@ -34,30 +33,24 @@ def digits_search_data(cfg: Config) -> TensorSearchData:
     return TensorSearchData((x[w], y[w]), (x[a], y[a]), (x[held], y[held]), d.batch_size, cfg.search.seed)
 
 
-def write_artifacts(search: DCPNASSearch, out: Path) -> dict[str, str]:
-    """Genotype JSON, cell diagrams and the alpha heatmap of the Child's current architecture."""
-    from dcpnas.visualize import plot_alphas, plot_cell
-
-    genotype = search.genotype()
-    files = {"genotype": str(genotype.save(out / "genotype.json"))}
-    for cell in ("normal", "reduce"):
-        files[cell] = str(plot_cell(genotype, cell, out / f"{cell}.png"))
-    files["alphas"] = str(plot_alphas(search.child.alpha.detach(), search.space, out / "alphas.png"))
-    return files
-
-
 def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, Any]:
     """Run (or resume) the configured search; returns the final metrics and artifact paths."""
     import torch
 
     from dcpnas.checkpoint import ResumeMismatchError, load_checkpoint, save_checkpoint
     from dcpnas.search import DCPNASSearch
+    from dcpnas.visualize import save_genotype_artifacts
     from pipeline.config import save_resolved
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = cfg.run_dir()
-    data = digits_search_data(cfg)
+    if cfg.data.source == "digits":
+        data = digits_search_data(cfg)
+    else:  # the same shard streams a Ray search reads, here for a single rank
+        from pipeline.search_stage import StreamSearchData, make_split
+
+        data = StreamSearchData.open(cfg, make_split(cfg))
     search = DCPNASSearch(cfg.search_config())
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
@@ -83,7 +76,7 @@ def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, 
 
     log(f"search '{cfg.name}' (space {cfg.search.space}, config {cfg.hash[:12]}) -> {out}")
     search.run(data, on_epoch_end=on_epoch_end)
-    files = write_artifacts(search, out)
+    files = save_genotype_artifacts(search.genotype(), out, search.child.alpha.detach(), space=search.space)
     final = search.history[-1] if search.history else {}
     log(f"genotype {search.genotype().hash[:12]} -> {files['genotype']}")
     return {"metrics": final, "files": files, "genotype": search.genotype()}

@@ -206,7 +206,7 @@ def _save_split(cfg: Config, log: Any) -> tuple[str, str]:
         try:
             if SearchSplit.load(str(path)).sha256 == split.sha256:
                 return str(path), split.sha256
-        except Exception:  # a damaged or modified split file is rewritten below
+        except UserError:  # a damaged or modified split file is rewritten below
             pass
     h = split.save(str(path))
     log(f"split {h[:12]} -> {path}")
@@ -231,7 +231,7 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
             sweep_tags = {"seeds": ",".join(map(str, cfg.sweep.seeds)), "spaces": ",".join(cfg.sweep.spaces)}
             sweep_tags["split_sha256"] = split_sha
             parent = tracking.start_sweep_run(served, "sweep", cfg.resolved(), sweep_tags)
-            tracking._client(served.uri).log_artifact(parent, split_uri, "split")
+            tracking.log_artifact(served, parent, split_uri, "split")
             results = _tune(cfg, p, served, parent, split_uri, split_sha, storage, log)
             trials = _existing_trials(served, parent)
             failed = [r["trial_key"] for r in results if r.get("status") not in ("FINISHED",) and not r.get("diverged")]

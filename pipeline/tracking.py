@@ -375,8 +375,7 @@ def log_genotype(
 
     A run holds one genotype: logging a different one raises before anything is overwritten.
     """
-    from dcpnas.spaces import get_space
-    from dcpnas.visualize import plot_alpha_history, plot_alphas, plot_cell
+    from dcpnas.visualize import save_genotype_artifacts
 
     genotype.validate()
     client = _client(ctx.uri)
@@ -384,20 +383,17 @@ def log_genotype(
     logged = client.get_run(run_id).data.params.get(GENOTYPE_HASH_PARAM)
     if logged not in (None, h):
         raise ValueError(f"run {run_id} already holds genotype {logged[:12]}; log genotype {h[:12]} in a new run")
-    space = space or get_space(genotype.space)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        genotype.save(out / "genotype.json")
-        for cell in ("normal", "reduce"):
-            plot_cell(genotype, cell, out / f"{cell}.png")
-        if alpha is not None:
-            plot_alphas(alpha, space, out / "alphas.png")
-        if alpha_history is not None:
-            plot_alpha_history(alpha_history, space, out / "alpha_history.png")
+        save_genotype_artifacts(genotype, tmp, alpha, alpha_history, space)
         client.log_artifacts(run_id, tmp, GENOTYPE_DIR)
     params = {f"{GENOTYPE_PARAM_PREFIX}{k}": v for k, v in genotype.flat().items()} | {GENOTYPE_HASH_PARAM: h}
     _log_batch(client, run_id, params=[Param(k, v) for k, v in params.items()], tags=[RunTag("genotype_hash", h)])
     return h
+
+
+def log_artifact(ctx: TrackingContext, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Attach a local file (e.g. the search split) to a run."""
+    _client(ctx.uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def register_genotype(ctx: TrackingContext, run_id: str, name: str, alias: str) -> str:
