@@ -84,6 +84,59 @@ class SweepSection(BaseModel):
     num_cpus: float | None = Field(None, gt=0)  # local Ray only (no RAY_ADDRESS); default: the machine's
 
 
+class RetrainSection(BaseModel):
+    """Two-step 1-bit retraining of chosen genotypes with knowledge distillation (spec §9).
+
+    ``steps`` are binarisation stages run in order, each initialised from the previous one's
+    model artifact: the published recipe is ``binary_act`` (real weights, 1-bit activations)
+    then ``binary_all``. ``teacher``: ``train`` (the pipeline first trains the real-valued network
+    of the same genotype; the repo's torchvision ResNet-34 cannot be had offline), ``none``
+    (cross-entropy on labels only), or the URI of a teacher model file written by this stage.
+    """
+
+    model_config = STRICT
+    genotype: str | None = None  # set: retrain this (run id, models:/name@alias, JSON, built-in), no sweep
+    network: Literal["cifar", "imagenet"] = "cifar"  # macro-architecture (spec §9.4 / §9.1)
+    init_channels: int = Field(16, gt=0)
+    layers: int = Field(8, ge=3)
+    style: Literal["bnn", "darts"] = "bnn"  # op internals: the repo's BN-conv-BN-PReLU, or DARTS' ReLU-conv-BN
+    binarize_depthwise_input: bool = False  # spec §2.3 book variant; the repo keeps depthwise inputs real
+    steps: list[Literal["real", "binary_act", "binary_all"]] = Field(
+        default_factory=lambda: ["binary_act", "binary_all"], min_length=1
+    )
+    epochs: int = Field(256, gt=0)  # per step
+    batch_size: int = Field(512, gt=0)  # global, divided among workers
+    lr: float = Field(1e-3, gt=0)  # AdamW; the repo's 1e-3 is for a global batch of 512
+    min_lr: float = Field(1e-5, ge=0)  # cosine floor, stepped per epoch
+    weight_decay: list[float] = Field(default_factory=lambda: [1e-5, 0.0], min_length=1)  # per step; last repeats
+    teacher: str = "train"  # train | none | URI of a teacher model file
+    teacher_epochs: int = Field(30, ge=0)
+    teacher_lr: float = Field(1e-3, gt=0)
+    label_weight: float = Field(0.0, ge=0)  # weight of label cross-entropy next to KD; the repo uses KD only
+    image_size: int | None = Field(None, gt=0)  # None: data.image_size
+    crop_scale: tuple[float, float] | None = None  # None: data.crop_scale
+    engine: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = Field(1, ge=0, le=3)
+    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA, off on CPU
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_failures: int = Field(2, ge=0)
+    top_k: int = Field(1, ge=0)  # genotypes a sweep sends on to retraining (0: none)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> RetrainSection:
+        if self.min_lr > self.lr:
+            raise ValueError("retrain.min_lr must be <= retrain.lr")
+        if self.batch_size % self.workers:
+            raise ValueError(f"retrain.batch_size {self.batch_size} must divide by retrain.workers {self.workers}")
+        return self
+
+    def step_weight_decay(self, index: int) -> float:
+        return self.weight_decay[min(index, len(self.weight_decay) - 1)]
+
+
 class TrackingSection(BaseModel):
     """MLflow: ``uri`` None → ``MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns/mlflow.db``; experiment → name."""
 
@@ -102,6 +155,7 @@ class Config(BaseModel):
     data: DataSection = DataSection()
     search: SearchSection = SearchSection()  # type: ignore[valid-type]
     sweep: SweepSection = SweepSection()
+    retrain: RetrainSection = RetrainSection()
     tracking: TrackingSection = TrackingSection()
 
     def search_config(self) -> SearchConfig:
