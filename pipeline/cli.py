@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import genotype_cli, search_cli, sweep
+    from pipeline import genotype_cli, search_cli, submit, sweep
     from pipeline.data import cli as data_cli
 
     parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.register(sub)
     data_cli.register(sub)
     genotype_cli.register(sub)
+    submit.register(sub)
     return parser
 
 

@@ -1,0 +1,179 @@
+"""``dcpnas submit``: job-file checks, entrypoint rewriting, fast failure on a dead address, and real submissions to
+the 2-node loopback cluster behind token auth (a job that succeeds, one that fails inside the cluster)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.submit import DEFAULT_ADDRESS, _runtime_env, build_entrypoint, load_job, resolve_address
+
+ROOT = Path(__file__).resolve().parents[1]
+DCPNAS = str(Path(sys.executable).parent / "dcpnas")
+
+
+def dcpnas(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DCPNAS, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+# -- entrypoint building -------------------------------------------------------------------------------------------
+def test_config_replaces_the_positional_config_and_overrides_are_quoted() -> None:
+    out = build_entrypoint(
+        "dcpnas run configs/imagenet-search.yaml", "configs/demo.yaml", ["sweep.seeds=[0, 1]", "name=a b"]
+    )
+    assert out == "dcpnas run configs/demo.yaml --set 'sweep.seeds=[0, 1]' --set 'name=a b'"
+    assert shlex.split(out) == [
+        "dcpnas",
+        "run",
+        "configs/demo.yaml",
+        "--set",
+        "sweep.seeds=[0, 1]",
+        "--set",
+        "name=a b",
+    ]
+
+
+def test_config_replaces_a_config_option_or_is_inserted() -> None:
+    assert build_entrypoint("dcpnas sweep --config a.yaml --dry-run", "b.yaml", []) == (
+        "dcpnas sweep --config b.yaml --dry-run"
+    )
+    assert build_entrypoint("dcpnas sweep --config=a.yaml", "b c.yaml", []) == "dcpnas sweep '--config=b c.yaml'"
+    assert build_entrypoint("dcpnas run --dry-run", "b.yaml", []) == "dcpnas run b.yaml --dry-run"
+
+
+def test_without_config_the_entrypoint_is_kept_verbatim() -> None:
+    cmd = "cd sub && dcpnas run x.yaml"
+    assert build_entrypoint(cmd, None, []) == cmd
+    assert build_entrypoint(cmd, None, ["a.b=1"]) == cmd + " --set a.b=1"
+
+
+def test_bad_overrides_and_shell_entrypoints_are_refused_before_submission() -> None:
+    with pytest.raises(UserError, match="key=value"):
+        build_entrypoint("dcpnas run x.yaml", None, ["no-equals-sign"])
+    with pytest.raises(UserError, match="plain"):
+        build_entrypoint("cd sub && dcpnas run x.yaml", "y.yaml", [])
+
+
+# -- job file --------------------------------------------------------------------------------------------------------
+def test_the_repository_job_file_loads() -> None:
+    spec = load_job(ROOT / "ray_job.yaml")
+    assert spec.entrypoint.startswith("dcpnas run ")
+    assert spec.runtime_env["working_dir"] == "."
+    assert _runtime_env(spec, ROOT / "ray_job.yaml")["working_dir"] == str(ROOT)
+
+
+@pytest.mark.parametrize(
+    ("tree", "field"),
+    [
+        ({"entrypoint": "x", "entrypoint_num_cpu": 1}, "entrypoint_num_cpu"),  # misspelt key
+        ({"runtime_env": {}}, "entrypoint"),  # missing
+        ({"entrypoint": "x", "entrypoint_num_cpus": "many"}, "entrypoint_num_cpus"),
+        ({"entrypoint": "x", "runtime_env": ["working_dir"]}, "runtime_env"),
+    ],
+)
+def test_a_bad_job_file_names_the_field(tmp_path: Path, tree: dict, field: str) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(UserError, match=rf"job file .*job\.yaml: {field}"):
+        load_job(path)
+
+
+def test_a_missing_working_dir_is_named(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text("entrypoint: x\nruntime_env: {working_dir: nowhere}\n")
+    spec = load_job(tmp_path / "job.yaml")
+    with pytest.raises(UserError, match=r"working_dir: .*nowhere is not a directory"):
+        _runtime_env(spec, tmp_path / "job.yaml")
+    remote = load_job(tmp_path / "job.yaml").model_copy(update={"runtime_env": {"working_dir": "s3://b/pkg.zip"}})
+    assert _runtime_env(remote, tmp_path / "job.yaml")["working_dir"] == "s3://b/pkg.zip"
+
+
+# -- address ---------------------------------------------------------------------------------------------------------
+def test_address_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert resolve_address(None) == DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    assert resolve_address(None) == "http://10.0.0.1:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "10.0.0.2:8265/")
+    assert resolve_address(None) == "http://10.0.0.2:8265"
+    assert resolve_address("https://ray.example:443") == "https://ray.example:443"
+    with pytest.raises(UserError, match="http"):
+        resolve_address("ray://head:10001")
+
+
+def test_an_unreachable_address_fails_fast_with_a_clear_message() -> None:
+    with socket.socket() as s:  # bound, never listening: connections to it are refused, and nobody else can take it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        out = dcpnas("submit", "--address", f"http://127.0.0.1:{port}", "--set", "sweep.seeds=[0]", timeout=60)
+        elapsed = time.monotonic() - t0
+    assert out.returncode == 2
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+    assert elapsed < 45  # the CLI's own imports dominate; no connection retries
+
+
+# -- real submissions to the 2-node loopback cluster ------------------------------------------------------------------
+_spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
+assert _spec is not None and _spec.loader is not None
+lc = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("local_cluster", lc)
+_spec.loader.exec_module(lc)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """Ray's unix sockets live under the cluster dir and must fit in 107 bytes; pytest's tmp_path is too deep."""
+    d = Path(tempfile.mkdtemp(prefix="sub", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submit_to_a_token_auth_cluster_succeeds_and_reports_a_failed_job(short_tmp: Path) -> None:
+    # The repository's job file, moved out of the repo: working_dir must then be given absolutely, and the
+    # entrypoint is swapped for a small dcpnas command (`dcpnas run` is the real one; see the report).
+    job = yaml.safe_load((ROOT / "ray_job.yaml").read_text())
+    job["runtime_env"]["working_dir"] = str(ROOT)
+    job["entrypoint"] = "dcpnas sweep --config configs/imagenet-search.yaml --dry-run"
+    job_file = short_tmp / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+
+    with lc.LocalCluster(short_tmp / "c", grace_s=2.0) as c:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | c.env
+        env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"  # --address must win over the environment
+        common = ["submit", "--address", c.dashboard_url, "--job", str(job_file), "--config", "configs/demo.yaml"]
+
+        # without the token the Jobs API refuses: a clear message naming the fix, no traceback
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
+        denied = dcpnas(*common, env=no_token, timeout=120)
+        assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
+        assert "wants the cluster's token: set RAY_AUTH_MODE=token" in denied.stderr
+
+        ok = dcpnas(*common, "--set", "sweep.seeds=[0, 1]", "--set", "sweep.spaces=[dcpnas_3x3]", env=env, timeout=300)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+        assert "submitted job raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
+        # the followed logs: the plan was made inside the job against the 2-node cluster, with our overrides
+        assert "trials: 2 (seed=0,space=dcpnas_3x3, seed=1,space=dcpnas_3x3)" in ok.stdout
+        assert "cluster: 2 CPUs" in ok.stdout
+
+        bad = dcpnas(*common, "--set", "search.no_such_field=1", env=env, timeout=300)
+        assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+        assert "no_such_field" in bad.stdout  # the driver's own error, streamed back
+        assert "FAILED: Job entrypoint command failed with exit code 2" in bad.stderr
