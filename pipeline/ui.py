@@ -1,0 +1,108 @@
+"""``dcpnas ui``: the MLflow UI over the store a config tracks into, until Ctrl-C.
+
+Over SQLite it runs the same ``mlflow server`` as ``tracking.local_server`` (one process group,
+stopped and waited for on exit), on loopback unless another host is asked for: the server has
+no authentication. A server URI is already a UI, so it is only printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from urllib.parse import urlsplit
+
+from pipeline.errors import UserError
+
+HEALTH_EVERY_S = 5.0
+HEALTH_FAILURES = 3  # consecutive failed checks before the server counts as gone (a loaded machine is slow)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the UI like Ctrl-C, so the server group is stopped instead of orphaned."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10):
+            return True
+    except OSError:
+        return False
+
+
+def _experiment_url(url: str, experiment: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=url).get_experiment_by_name(experiment)
+    return f"{url}/#/experiments/{exp.experiment_id}" if exp else f"{url} (no experiment '{experiment}' yet)"
+
+
+def serve(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> None:
+    """Serve the UI for ``uri`` until interrupted (Ctrl-C or SIGTERM); ``UserError`` if the server dies."""
+    from pipeline import tracking
+
+    if urlsplit(uri).scheme in ("http", "https"):
+        print(f"{tracking._display(uri)} is an MLflow server: open it in a browser", flush=True)
+        return
+    if urlsplit(uri).scheme != "sqlite":
+        raise UserError(f"dcpnas ui serves SQLite stores; for {tracking._display(uri)} run `mlflow server` itself")
+    if not _is_loopback(host):
+        print(f"warning: binding {host}: the MLflow UI has no authentication", file=sys.stderr, flush=True)
+    artifacts = tracking._sqlite_path(uri).parent / "artifacts"
+    with _sigterm_as_interrupt():
+        try:
+            with tracking.local_server(uri, artifacts, host, port) as url:
+                print(f"MLflow UI: {_experiment_url(url, experiment)}", flush=True)
+                print("press Ctrl-C to stop", flush=True)
+                failures = 0
+                while failures < HEALTH_FAILURES:
+                    time.sleep(HEALTH_EVERY_S)
+                    failures = 0 if _healthy(url) else failures + 1
+                raise UserError(
+                    f"the MLflow server at {url} stopped answering; see {artifacts.parent}/mlflow-server.log"
+                )
+        except KeyboardInterrupt:
+            print("MLflow UI stopped", flush=True)
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.report import existing_store
+
+    cfg = load_config(args.config, args.set)
+    serve(existing_store(cfg.tracking.uri), cfg.tracking.experiment or cfg.name, args.host, args.port)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="serve the MLflow UI for the config's tracking store (loopback by default)")
+    p.add_argument("--config", help="YAML config (default: the packaged demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; others get a warning)")
+    p.add_argument("--port", type=int, default=5000, help="port (0: any free one)")
+    p.set_defaults(func=_cmd_ui)
