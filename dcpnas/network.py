@@ -100,6 +100,7 @@ class _Network(nn.Module):
     """Shared macro: stem(s), a stack of cells with reductions at 1/3 and 2/3, GAP + Linear."""
 
     imagenet = False
+    name = ""
 
     def __init__(
         self,
@@ -116,6 +117,19 @@ class _Network(nn.Module):
     ) -> None:
         super().__init__()
         self.genotype = (load_genotype(genotype) if isinstance(genotype, str) else genotype).validate()
+        # Everything needed to rebuild this network: saved next to its weights (see ``model_file``).
+        self.spec = {
+            "network": self.name,
+            "C": C,
+            "num_classes": num_classes,
+            "layers": layers,
+            "genotype": self.genotype.to_dict(),
+            "auxiliary": auxiliary,
+            "stage": stage,
+            "style": style,
+            "in_channels": in_channels,
+            "binarize_depthwise_input": binarize_depthwise_input,
+        }
         self.stage, self.style, self.layers = stage, style, layers
         self.drop_path_prob = drop_path  # a plain attribute so training loops can ramp it
         ctx = OpContext(style, Binarize.stage(stage, binarize_depthwise_input))
@@ -158,6 +172,7 @@ class _Network(nn.Module):
 class NetworkCIFAR(_Network):
     """DARTS CIFAR macro: conv3x3(in -> 3C) + BN stem at full resolution (spec §9.4)."""
 
+    name = "cifar"
     input_size = 32
 
     def _build_stem(self, C: int, in_channels: int) -> tuple[int, int, int, bool]:
@@ -173,6 +188,7 @@ class NetworkImageNet(_Network):
     """DARTS / DCP-NAS ImageNet macro: two stems 224 -> 112 -> 56 -> 28; cell 0 factorizes input 0."""
 
     imagenet = True
+    name = "imagenet"
     input_size = 224
 
     def _build_stem(self, C: int, in_channels: int) -> tuple[int, int, int, bool]:
@@ -210,3 +226,55 @@ for _size, (_c, _layers) in SIZES["imagenet"].items():
 def create_network(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered network: ``cifar`` / ``imagenet`` (full signature) or ``dcpnas_s|m|l`` (sized)."""
     return NETWORKS.get(name)(**kwargs)
+
+
+MODEL_FORMAT = 1
+
+
+def model_file(model: _Network) -> dict[str, Any]:
+    """A self-describing model: the network's spec and its weights (plain types, loadable with weights_only)."""
+    return {"format": MODEL_FORMAT, "spec": model.spec, "state_dict": model.state_dict()}
+
+
+def network_from_file(content: dict[str, Any], **overrides: Any) -> _Network:
+    """Rebuild the network of :func:`model_file` output and load its weights (strictly).
+
+    ``overrides`` change the spec before building, e.g. ``stage="binary_all"`` to start step 2 from
+    a step-1 file: then use :func:`inherit_weights` instead of a strict load.
+    """
+    if content.get("format") != MODEL_FORMAT or "spec" not in content:
+        raise ValueError(f"not a dcpnas model file (format {content.get('format')!r}, expected {MODEL_FORMAT})")
+    spec = {**content["spec"], **overrides}
+    name = spec.pop("network")
+    spec["genotype"] = Genotype.from_dict(spec["genotype"])
+    model = create_network(name, **spec)
+    if overrides:
+        inherit_weights(model, content["state_dict"])
+    else:
+        model.load_state_dict(content["state_dict"])
+    return model
+
+
+@torch.no_grad()
+def inherit_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
+    """Load weights trained in another binarisation stage (e.g. step 1 -> step 2, spec §9.3).
+
+    Weight names are the same in every stage; only the scales ``beta`` of binary-weight convs may be
+    missing. Those are set to mean|w| per output channel of the *loaded* weights (XNOR's closed form),
+    not left at the constructor's random-weight value. Returns the names of the initialised scales.
+    """
+    from dcpnas.binary import BinaryConv2d
+
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches: another width or genotype
+        raise ValueError(f"weights do not fit this network: {str(e).splitlines()[1].strip()}") from None
+    wrong = [k for k in missing if not k.endswith(".beta")]
+    if wrong or unexpected:
+        raise ValueError(f"weights do not fit this network: missing {wrong[:5]}, unexpected {list(unexpected)[:5]}")
+    modules = dict(model.named_modules())
+    for key in missing:
+        conv = modules[key.removesuffix(".beta")]
+        assert isinstance(conv, BinaryConv2d)
+        conv.beta.copy_(conv.weight.abs().mean(dim=(1, 2, 3), keepdim=True))
+    return list(missing)

@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import genotype_cli, report, search_cli, submit, sweep, ui
+    from pipeline import eval_stage, genotype_cli, report, retrain_stage, search_cli, submit, sweep, ui
     from pipeline.data import cli as data_cli
 
     parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     genotype_cli.register(sub)
     submit.register(sub)
+    retrain_stage.register(sub)
+    eval_stage.register(sub)
     report.register(sub)
     ui.register(sub)
     return parser

@@ -113,6 +113,7 @@ class RetrainSection(BaseModel):
     teacher_epochs: int = Field(30, ge=0)
     teacher_lr: float = Field(1e-3, gt=0)
     label_weight: float = Field(0.0, ge=0)  # weight of label cross-entropy next to KD; the repo uses KD only
+    reconstruction_weight: float = Field(5e-5, ge=0)  # x L_R (sum ||w - beta sign w||^2): the repo's 1e-4 / 2
     image_size: int | None = Field(None, gt=0)  # None: data.image_size
     crop_scale: tuple[float, float] | None = None  # None: data.crop_scale
     engine: Literal["deepspeed", "ddp"] = "deepspeed"

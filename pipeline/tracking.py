@@ -343,23 +343,44 @@ def search_trials(ctx: TrackingContext, parent_run_id: str) -> list[dict[str, An
             max_results=1000,
             page_token=token,
         )
-        out += [
-            {
-                "run_id": r.info.run_id,
-                "name": r.info.run_name,
-                "status": r.info.status,
-                "start_time": r.info.start_time,
-                "end_time": r.info.end_time,
-                "artifact_uri": r.info.artifact_uri,
-                "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
-                "params": dict(r.data.params),
-                "metrics": dict(r.data.metrics),
-            }
-            for r in page
-        ]
+        out += [_as_dict(r) for r in page]
         token = page.token
         if not token:
             return out
+
+
+def _as_dict(r: Any) -> dict[str, Any]:
+    return {
+        "run_id": r.info.run_id,
+        "name": r.info.run_name,
+        "status": r.info.status,
+        "start_time": r.info.start_time,
+        "end_time": r.info.end_time,
+        "artifact_uri": r.info.artifact_uri,
+        "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+        "params": dict(r.data.params),
+        "metrics": dict(r.data.metrics),
+    }
+
+
+def get_run(ctx: TrackingContext, run_id: str) -> dict[str, Any]:
+    """One run as the plain dict of :func:`search_trials`."""
+    return _as_dict(_client(ctx.uri).get_run(run_id))
+
+
+def log_params(ctx: TrackingContext, run_id: str, params: Mapping[str, Any], prefix: str = "") -> None:
+    """Log a (nested) mapping as flat params, secrets redacted; re-logging equal values is a no-op."""
+    flat = _flatten(_scrub(params), prefix)
+    _log_batch(_client(ctx.uri), run_id, params=[Param(k, v) for k, v in flat.items()])
+
+
+def download_artifact(ctx: TrackingContext, run_id: str, path: str, dest: str | Path) -> Path:
+    """Fetch one artifact of a run into ``dest`` (a directory); returns the local file."""
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(_client(ctx.uri).download_artifacts(run_id, path, str(dest)))
+    except MlflowException as e:
+        raise UserError(f"artifact {path} of run {run_id}: {e.message}") from None
 
 
 # ---- genotypes -----------------------------------------------------------------------------------
