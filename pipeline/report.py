@@ -226,14 +226,16 @@ def _genotype_images(client: MlflowClient, trial: Trial, out_dir: Path) -> None:
     ``genotype.json`` when only the JSON was logged."""
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import GENOTYPE_DIR, _slug
+
     run_id = trial.run["run_id"]
-    rel = Path("genotypes") / f"{trial.space}-seed{trial.seed}-{run_id[:8]}"
+    rel = Path("genotypes") / _slug(f"{trial.space}-seed{trial.seed}-{run_id[:8]}")  # tags are free text
     dest = out_dir / rel
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            if not client.list_artifacts(run_id, "genotype"):
+            if not client.list_artifacts(run_id, GENOTYPE_DIR):
                 return
-            src = Path(client.download_artifacts(run_id, "genotype", tmp))
+            src = Path(client.download_artifacts(run_id, GENOTYPE_DIR, tmp))
         except (MlflowException, OSError):
             return
         dest.mkdir(parents=True, exist_ok=True)
