@@ -12,11 +12,12 @@ from pipeline.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import eval_stage, genotype_cli, report, retrain_stage, search_cli, submit, sweep, ui
+    from pipeline import driver, eval_stage, genotype_cli, report, retrain_stage, search_cli, submit, sweep, ui
     from pipeline.data import cli as data_cli
 
     parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    driver.register(sub)
     search_cli.register(sub)
     sweep.register(sub)
     data_cli.register(sub)

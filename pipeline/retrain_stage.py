@@ -486,9 +486,13 @@ def retrain_genotype(
     from pipeline import tracking
     from pipeline.sweep import storage_path
 
+    key = retrain_key(cfg)
+    for t in tracking.search_trials(ctx, parent_run_id):
+        if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
+            log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
+            return {"run_id": t["run_id"], "genotype_hash": genotype.hash, "skipped": True, **t["metrics"]}
     classes = num_classes(cfg)
     preflight(cfg, genotype, classes)
-    key = retrain_key(cfg)
     run_id = tracking.start_trial_run(
         ctx,
         parent_run_id,

@@ -1,0 +1,196 @@
+"""The main job, ``dcpnas run``: data -> sweep -> select -> retrain -> eval -> report (architecture §2).
+
+Every stage is idempotent: the sweep finds its MLflow runs and Tune experiment again, selection is a
+pure function of the finished trials, a retrain skips steps whose model artifact (and hash) exist
+and resumes the interrupted one from its checkpoint, and the report is rebuilt from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+SELECT_METRIC = "final/child/val_acc"  # the 1-bit Child supernet's held-out accuracy at the end of search
+ILSVRC_TRAIN_ROWS = 1_281_167  # projection fallback when the shards' manifest cannot be read here
+
+
+def select(trials: list[dict[str, Any]], top_k: int, metric: str = SELECT_METRIC) -> list[dict[str, Any]]:
+    """Finished trials, one per genotype hash (its best trial), best first; the first ``top_k``."""
+    best: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        h = t.get("genotype_hash")
+        if t.get("status") != "FINISHED" or not h or t.get("diverged"):
+            continue
+        if h not in best or t.get(metric, -math.inf) > best[h].get(metric, -math.inf):
+            best[h] = t
+    ranked = sorted(best.values(), key=lambda t: (-t.get(metric, -math.inf), t["trial_key"]))
+    return ranked[:top_k]
+
+
+def _check_ray_address() -> None:
+    """An unreachable ``RAY_ADDRESS`` fails in seconds with the address, not after Ray's long retries."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address or address == "auto" or ("://" in address and not address.startswith("ray://")):
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"RAY_ADDRESS={address} is not reachable ({e}): start the cluster or unset RAY_ADDRESS"
+        ) from None
+
+
+def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
+    """Register the chosen genotypes and retrain each under its search run."""
+    from pipeline import tracking
+    from pipeline.retrain_stage import check_resources, retrain_genotype
+    from pipeline.sweep import _ray_init
+
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
+    for rank, t in enumerate(chosen, 1):
+        version = tracking.register_genotype(ctx, t["run_id"], f"{cfg.name}-genotypes", f"rank{rank}")
+        log(f"select: rank {rank} {t['trial_key']} genotype {t['genotype_hash'][:12]} -> model version {version}")
+    started = _ray_init(cfg)
+    try:
+        import ray
+
+        check_resources(cfg, ray.cluster_resources())
+        out = []
+        with tracking.serving(ctx) as served:
+            for t in chosen:
+                genotype, _ = tracking.find_genotype(served, t["run_id"])
+                out.append(retrain_genotype(cfg, served, genotype, t["run_id"], {"seed": t["seed"]}, log))
+        return out
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def run(cfg: Config, log: Any = print) -> dict[str, Any]:
+    """The whole pipeline for ``cfg``; returns the trials, the retrains and the report's path."""
+    from pipeline import report, tracking
+    from pipeline.retrain_stage import run_retrain
+    from pipeline.sweep import run_sweep, search_data
+
+    t0 = time.perf_counter()
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)  # unreachable URI: fail now
+    _check_ray_address()
+    if cfg.retrain.genotype:  # a retrain-only config (e.g. imagenet-retrain-l.yaml)
+        return {"trials": [], "retrains": [run_retrain(cfg, log=log)], "report": None}
+    trials = run_sweep(cfg, log)
+    chosen = select(trials, cfg.retrain.top_k)
+    log(f"select: {len(chosen)} of {len(trials)} trials ({len({t.get('genotype_hash') for t in trials})} genotypes)")
+    retrains = retrain_selected(search_data(cfg, log), chosen, log) if chosen else []
+    sweep_run = report.find_sweep_run(ctx, search_data(cfg, log).hash, log)
+    index = report.build_report(ctx, sweep_run, cfg.run_dir() / "report")
+    report.publish_report(ctx, sweep_run, index.parent)
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return {"trials": trials, "retrains": retrains, "report": index, "sweep_run_id": sweep_run}
+
+
+# ---- dry run: the resource plan and a projected cost ----------------------------------------------------------
+def measure_step_seconds(cfg: Config, max_batch: int = 16, repeats: int = 2) -> tuple[float, str]:
+    """Seconds of one DCP-NAS Child step (the costlier phase) at the per-worker batch, measured here at up to
+    ``max_batch`` images and scaled linearly; returns the time and the device it was measured on."""
+    import torch
+
+    from dcpnas.search import DCPNASSearch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    per_worker = cfg.data.batch_size // cfg.sweep.workers
+    batch = min(per_worker, max_batch)
+    search = DCPNASSearch(cfg.search_config(), device=device)
+    size = cfg.data.image_size
+    x = torch.randn(batch, cfg.search.in_channels, size, size, device=device)
+    y = torch.randint(0, cfg.search.num_classes, (batch,), device=device)
+    search.child_step((x, y), (x, y))  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        search.child_step((x, y), (x, y))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats * per_worker / batch, device
+
+
+def _train_rows(cfg: Config) -> tuple[int, str]:
+    from pipeline.data.shards import open_dataset
+
+    try:
+        return open_dataset(cfg.data.uri).split(cfg.data.split).num_rows, "manifest"
+    except Exception:  # any unreadable store (no credentials, no network): the stated assumption
+        return ILSVRC_TRAIN_ROWS, "assumed ILSVRC-2012 train size (manifest not readable here)"
+
+
+def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = print) -> dict[str, Any]:
+    """Print the sweep plan, the retrain plan and a projected cost; start nothing."""
+    from pipeline.retrain_stage import plan_steps
+    from pipeline.sweep import _resources_without_compute, plan
+
+    p = plan(cfg, _resources_without_compute(cfg))
+    log(p.describe())
+    rows, source = (1437, "digits") if cfg.data.source == "digits" else _train_rows(cfg)
+    if step_seconds is None:
+        step_seconds, device = measure_step_seconds(cfg)
+        how = f"measured here on {device}, Child step scaled to the per-worker batch"
+    else:
+        how = "given with --step-seconds"
+    steps = math.floor(rows * cfg.data.weight_fraction / cfg.data.batch_size)
+    # Each epoch runs a Parent and a Child phase; the Child step bounds both (spec §7.2).
+    trial_hours = cfg.search.epochs * 2 * steps * step_seconds / 3600
+    s = cfg.sweep
+    per_trial = s.workers * (s.gpus_per_worker or s.cpus_per_worker)
+    unit = "GPU" if s.gpus_per_worker else "core"
+    total = trial_hours * per_trial * len(p.trials)
+    waves = math.ceil(len(p.trials) / p.max_concurrent)
+    log(f"train rows: {rows:,} ({source}); steps per phase: {steps:,}; step time {step_seconds:.3f} s ({how})")
+    log(
+        f"search: {trial_hours:.2f} h per trial x {len(p.trials)} trials in {waves} wave(s)"
+        f" -> wall {trial_hours * waves:.2f} h"
+    )
+    log(
+        f"search cost: {total:.1f} {unit}-hours"
+        + (f" ~ ${total * price:,.0f} at ${price:g}/{unit}-hour" if price else "")
+    )
+    r = cfg.retrain
+    if r.top_k or r.genotype:
+        chain = ", ".join(f"{st.name} ({st.stage}, {st.epochs} ep)" for st in plan_steps(cfg))
+        log(f"retrain: {max(r.top_k, 1 if r.genotype else 0)} genotype(s) x [{chain}] on {r.workers} workers")
+    return {"plan": p, "step_seconds": step_seconds, "search_hours": total}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        dry_run(cfg, args.step_seconds, args.price)
+        return 0
+    out = run(cfg)
+    if out["report"] is not None:
+        print(f"\nreport: {out['report'].resolve()}")
+    for r in out["retrains"]:
+        print(f"retrained {r['genotype_hash'][:12]}: top1 {r['top1']:.4f} (run {r['run_id']})")
+    where = f" --config {args.config}" if args.config else ""
+    print(f"MLflow UI: dcpnas ui{where}  (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: data, sweep, select, retrain, eval, report")
+    p.add_argument("config", nargs="?", help="YAML config (default: the packaged demo on digits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--dry-run", action="store_true", help="print the resource plan and projected cost, start nothing")
+    p.add_argument("--step-seconds", type=float, help="dry run: use this measured search step time (e.g. on a GPU)")
+    p.add_argument("--price", type=float, default=0.0, help="dry run: price per GPU-hour (or core-hour) for the cost")
+    p.set_defaults(func=_cmd_run)
