@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Until the full pipeline command lands (issue 6), the demo is the single-process search on digits.
+# The main job on embedded defaults: digits, local Ray, MLflow on SQLite under ./mlruns.
 run: $(STAMP)
-	$(BIN)/dcpnas search
+	$(BIN)/dcpnas run
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q

@@ -148,9 +148,7 @@ def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = pr
     steps = math.floor(rows * cfg.data.weight_fraction / cfg.data.batch_size)
     # Each epoch runs a Parent and a Child phase; the Child step bounds both (spec §7.2).
     trial_hours = cfg.search.epochs * 2 * steps * step_seconds / 3600
-    s = cfg.sweep
-    per_trial = s.workers * (s.gpus_per_worker or s.cpus_per_worker)
-    unit = "GPU" if s.gpus_per_worker else "core"
+    per_trial, unit = (p.gpus_per_trial, "GPU") if p.gpus_per_trial else (p.cpus_per_trial, "core")
     total = trial_hours * per_trial * len(p.trials)
     waves = math.ceil(len(p.trials) / p.max_concurrent)
     log(f"train rows: {rows:,} ({source}); steps per phase: {steps:,}; step time {step_seconds:.3f} s ({how})")
@@ -159,8 +157,8 @@ def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = pr
         f" -> wall {trial_hours * waves:.2f} h"
     )
     log(
-        f"search cost: {total:.1f} {unit}-hours"
-        + (f" ~ ${total * price:,.0f} at ${price:g}/{unit}-hour" if price else "")
+        f"search cost: {total:.3g} {unit}-hours"
+        + (f" ~ ${total * price:,.2f} at ${price:g}/{unit}-hour" if price else "")
     )
     r = cfg.retrain
     if r.top_k or r.genotype:

@@ -1,0 +1,153 @@
+"""The main job: selection, the dry run, failing fast on bad addresses, and the demo pipeline end to end with the
+driver killed mid-sweep and run again (every stage's MLflow runs, no duplicates, the report)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.cli import main
+from pipeline.driver import select
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> dict:
+    return {
+        "trial_key": key,
+        "genotype_hash": h,
+        "status": status,
+        "diverged": diverged,
+        "final/child/val_acc": acc,
+        "seed": 0,
+    }
+
+
+def test_select_dedupes_genotypes_and_ranks_by_child_accuracy() -> None:
+    trials = [
+        trial("a", "h1", 0.80),
+        trial("b", "h2", 0.90),
+        trial("c", "h1", 0.85),  # same genotype as a, better: a is dropped
+        trial("d", "h3", 0.99, status="FAILED"),
+        trial("e", "h4", 0.99, diverged=True),
+        trial("f", "", 0.99),
+    ]
+    assert [t["trial_key"] for t in select(trials, 5)] == ["b", "c"]
+    assert [t["trial_key"] for t in select(trials, 1)] == ["b"]
+    assert select(trials, 0) == []
+
+
+def test_dry_run_prints_plan_and_projected_cost(tmp_path, capsys) -> None:
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=2"]
+    assert main(["run", *sets, "--dry-run", "--step-seconds", "0.5", "--price", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "trials: 4" in out and "max concurrent trials: 2" in out
+    # digits: 1437 train rows x 0.5 weight fraction / batch 64 = 11 steps; 5 epochs x 2 phases x 11 x 0.5 s = 55 s
+    assert "steps per phase: 11" in out
+    assert "search: 0.02 h per trial x 4 trials in 2 wave(s)" in out
+    assert "search cost: 0.0611 core-hours ~ $0.12 at $2/core-hour" in out  # 4 trials x 1 CPU (0.5 + 0.5) x 55 s
+    assert "teacher (real, 6 ep), step1 (binary_act, 6 ep), step2 (binary_all, 6 ep)" in out
+    assert not (tmp_path / "demo").exists()  # started nothing
+
+
+def test_unreachable_addresses_fail_before_any_compute(tmp_path, capsys, monkeypatch) -> None:
+    sets = ["--set", f"output_dir={tmp_path}"]
+    assert main(["run", *sets, "--set", "tracking.uri=http://127.0.0.1:9"]) == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    assert main(["run", *sets, "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"]) == 2
+    assert "RAY_ADDRESS=127.0.0.1:9 is not reachable" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (its session: the local Ray it launched included)."""
+    sid = os.getsid(proc.pid)
+    victims = [p for p in psutil.process_iter() if _sid(p) == sid]
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
+def _sid(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"tracking.uri=sqlite:///{db}",
+        "--set",
+        "search.epochs=2",
+        "--set",
+        "search.warmup_epochs=1",
+        "--set",
+        "retrain.epochs=2",
+        "--set",
+        "retrain.teacher_epochs=1",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trials = out / "demo" / "ray" / "trials"
+    deadline = time.time() + 600
+    while not list(trials.glob("search-*/checkpoint_*")):  # the first epoch of some trial is checkpointed
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no search checkpoint within 10 minutes"
+        time.sleep(2)
+    kill_session(first)
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "report: " in done.stdout and "MLflow UI: dcpnas ui" in done.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_stage: dict[str, list] = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("stage"), []).append(r)
+    assert len(by_stage["sweep"]) == 1
+    search = by_stage["search"]
+    keys = sorted(r.data.tags["trial_key"] for r in search)
+    assert keys == sorted(f"seed={s},space={sp}" for s in (0, 1) for sp in ("dcpnas_3x3", "dcpnas_conv"))  # once each
+    for r in search:
+        assert r.info.status == "FINISHED"
+        names = {a.path for a in client.list_artifacts(r.info.run_id, "genotype")}
+        assert "genotype/genotype.json" in names
+    (retrain,) = by_stage["retrain"]  # top_k 1
+    assert retrain.info.status == "FINISHED" and 0.1 < retrain.data.metrics["top1"] <= 1.0
+    assert {"step1/model.pt", "step2/model.pt", "teacher/model.pt"} <= {
+        a.path for d in ("teacher", "step1", "step2") for a in client.list_artifacts(retrain.info.run_id, d)
+    }
+    assert retrain.data.tags["mlflow.parentRunId"] in {r.info.run_id for r in search}
+    (evaluated,) = by_stage["eval"]
+    assert evaluated.data.tags["mlflow.parentRunId"] == retrain.info.run_id
+    assert evaluated.data.metrics["num_examples"] == 360
+    report = out / "demo" / "report"
+    assert (report / "index.html").exists() and list(report.glob("*.png"))
+    sweep_id = by_stage["sweep"][0].info.run_id
+    assert "report/index.html" in {a.path for a in client.list_artifacts(sweep_id, "report")}
