@@ -205,7 +205,7 @@ class LocalCluster:
         if self.state_path.exists():
             raise RuntimeError(f"{self.state_path} exists: a cluster may be running there; stop it first")
         self.dir.mkdir(parents=True, exist_ok=True)
-        gcs, dash, client, head_agent, worker_agent = free_ports(5)
+        gcs, dash, client, head_agent = free_ports(4)
         self.port = self.port or gcs
         self.dashboard_port = self.dashboard_port or dash
         self.cluster_id = uuid.uuid4().hex
@@ -213,14 +213,6 @@ class LocalCluster:
             self._write_token(self.token_path)
         # State goes to disk before anything starts, so `stop` finds the marker even after a crash mid-start.
         self._write_state()
-        common = [
-            f"--num-cpus={self.cpus_per_node}",
-            "--num-gpus=0",
-            f"--object-store-memory={self.object_store_mb * 2**20}",
-            "--min-worker-port=0",  # 0/0: workers bind OS-chosen ports instead of sharing Ray's fixed 10002-19999
-            "--max-worker-port=0",
-            "--disable-usage-stats",
-        ]
         head_args = [
             "--head",
             f"--node-ip-address={self.head_ip}",
@@ -230,20 +222,13 @@ class LocalCluster:
             f"--ray-client-server-port={client}",
             f"--dashboard-agent-listen-port={head_agent}",
             f"--temp-dir={self.dir / 'head'}",
-            *common,
-        ]
-        worker_args = [
-            f"--address={self.address}",
-            f"--node-ip-address={self.worker_ip}",
-            f"--dashboard-agent-listen-port={worker_agent}",
-            f"--temp-dir={self.dir / 'worker'}",
-            *common,
+            *self._common_args(),
         ]
         try:
             head = self._ray_start("head", head_args)
             # The worker only needs the GCS; joining while the head still brings up its dashboard saves ~10 s.
             self._wait_for_gcs(head)
-            worker = self._ray_start("worker", worker_args)
+            worker = self._ray_start("worker", self._worker_args())
             for name, proc in (("head", head), ("worker", worker)):
                 self._check_started(name, proc)
             self._wait_for_nodes(2)
@@ -279,6 +264,44 @@ class LocalCluster:
         if self.token_path is not None:
             self.token_path.unlink(missing_ok=True)
         return sorted(targets)
+
+    def kill_worker_node(self) -> list[int]:
+        """SIGKILL the worker node's processes only (a node crash); the head and its workers keep running.
+
+        The worker node's processes are this cluster's marked processes that name its temp dir on their command line
+        (raylet, log monitor, agents, Ray workers), plus their descendants. Returns their PIDs.
+        """
+        node_dir = str(self.dir / "worker")
+        targets: dict[int, psutil.Process] = {}
+        for p in cluster_processes(self.cluster_id):
+            try:
+                if any(node_dir in arg for arg in p.cmdline()):
+                    targets[p.pid] = p
+                    targets.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.Error:
+                continue
+        for p in targets.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                continue
+        _, alive = psutil.wait_procs(list(targets.values()), timeout=5)
+        if survivors := [p.pid for p in alive if not _is_zombie(p)]:
+            raise RuntimeError(f"worker-node processes survived SIGKILL: {sorted(survivors)}")
+        return sorted(targets)
+
+    def restart_worker_node(self) -> None:
+        """Start the worker node again (after ``kill_worker_node``), once GCS has marked the old one dead.
+
+        Waiting for the death first keeps the count unambiguous: two ALIVE nodes then means the new one joined.
+        """
+        self._wait_for_nodes(1, exact=True)
+        self._check_started("worker", self._ray_start("worker", self._worker_args()))
+        self._wait_for_nodes(2)
+        self.processes = [
+            {"pid": p.pid, "create_time": p.create_time(), "name": p.name()} for p in cluster_processes(self.cluster_id)
+        ]
+        self._write_state()
 
     def status(self) -> dict[str, Any]:
         """Recorded processes still alive and the nodes GCS reports (via the dashboard's state API)."""
@@ -358,6 +381,26 @@ class LocalCluster:
         env[MARKER] = self.cluster_id
         return env
 
+    def _common_args(self) -> list[str]:
+        return [
+            f"--num-cpus={self.cpus_per_node}",
+            "--num-gpus=0",
+            f"--object-store-memory={self.object_store_mb * 2**20}",
+            "--min-worker-port=0",  # 0/0: workers bind OS-chosen ports instead of sharing Ray's fixed 10002-19999
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+        ]
+
+    def _worker_args(self) -> list[str]:
+        """``ray start`` arguments of the worker node; a fresh free dashboard-agent port on every (re)start."""
+        return [
+            f"--address={self.address}",
+            f"--node-ip-address={self.worker_ip}",
+            f"--dashboard-agent-listen-port={free_ports(1)[0]}",
+            f"--temp-dir={self.dir / 'worker'}",
+            *self._common_args(),
+        ]
+
     def _ray_start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         """Launch ``ray start`` in its own session (a Ctrl-C in the caller's terminal does not reach the cluster)."""
         with (self.dir / f"{name}.log").open("w") as out:
@@ -396,13 +439,14 @@ class LocalCluster:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.load(r)["data"]["result"]["result"]
 
-    def _wait_for_nodes(self, n: int) -> None:
+    def _wait_for_nodes(self, n: int, exact: bool = False) -> None:
+        """Until GCS reports at least ``n`` (``exact``: exactly ``n``) alive nodes."""
         deadline = time.monotonic() + self.timeout_s
         last: object = None
         while time.monotonic() < deadline:
             try:
                 alive = [x for x in self._nodes() if x["state"] == "ALIVE"]
-                if len(alive) >= n:
+                if len(alive) == n or (len(alive) > n and not exact):
                     return
                 last = f"{len(alive)} alive node(s)"
             except (OSError, ValueError, KeyError) as e:
