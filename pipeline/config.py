@@ -118,7 +118,7 @@ class RetrainSection(BaseModel):
     crop_scale: tuple[float, float] | None = None  # None: data.crop_scale
     engine: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: int = Field(1, ge=0, le=3)
-    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA, off on CPU
+    bf16: bool | Literal["auto"] = "auto"  # auto: on with CUDA, off on CPU
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0, ge=0)

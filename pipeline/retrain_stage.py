@@ -90,8 +90,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def use_bf16(setting: str, cuda: bool) -> bool:
-    return setting == "on" or (setting == "auto" and cuda)
+def use_bf16(setting: bool | str, cuda: bool) -> bool:
+    return cuda if setting == "auto" else bool(setting)
 
 
 def deepspeed_config(cfg: Config, micro_batch: int, bf16: bool) -> dict[str, Any]:
