@@ -1,0 +1,49 @@
+"""bench/distributed.py --quick: every launcher (torchrun, Ray Train with 2 and 1 workers) runs the search step and
+the JSON holds the timings, the three goal ratios and the machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow]
+
+
+def _load_bench() -> ModuleType:
+    """bench/ is not an installed package; load the script by path so any pytest invocation finds it."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def test_quick_mode_writes_every_launch_and_goal(tmp_path: Path) -> None:
+    out = tmp_path / "distributed.json"
+    bench.main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+
+    assert result["config"]["quick"] is True and result["config"]["steps"] == 2
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert set(result["runs"]) == set(bench.LAUNCHES)
+    for name in bench.LAUNCHES:
+        (run,) = result["runs"][name]
+        assert run["world"] == int(name[-1]) and run["batch"] == result["config"]["batch"]
+        assert len(run["wall"]) == len(run["cpu"]) == 2 and min(run["wall"]) > 0
+        assert 0 < run["first_step_s"] < 600  # measured from the launcher's clock, not from the worker's start
+    goals = result["goals"]
+    assert set(goals) == set(result["met"]) == set(bench.GOALS)
+    ratios = [goals["ray_overhead"]["wall"], goals["ray_overhead"]["cpu"], goals["scaling"]["throughput_ratio"]]
+    assert all(math.isfinite(r) and r > 0 for r in ratios)
+    assert goals["cold_start_s"]["first_round"] == result["runs"]["ray_2"][0]["first_step_s"]
+    assert result["ray_init_s"] > 0
