@@ -6,6 +6,7 @@ models below for the pipeline. Every run saves its resolved config and that conf
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -237,3 +238,9 @@ def save_resolved(cfg: Config, directory: Path) -> Path:
     out = directory / "config.yaml"
     out.write_text(yaml.safe_dump({**cfg.resolved(), "config_hash": cfg.hash}, sort_keys=False))
     return out
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and repeatable ``--set key=value``: every config-driven subcommand takes them."""
+    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dcpnas.cost import count_cost
 from dcpnas.network import network_from_file
-from pipeline.config import Config
+from pipeline.config import Config, add_config_arguments
 from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import EvalTransform
 from pipeline.errors import UserError
@@ -186,6 +186,5 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5 and cost of a retrained model on the held-out split")
     p.add_argument("--model", required=True, help="a retrain run id (MLflow) or a model file path/URI")
-    p.add_argument("--config", help="YAML config giving data and tracking (default: the packaged demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_eval)

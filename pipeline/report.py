@@ -732,9 +732,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.config import add_config_arguments
+
     p = sub.add_parser("report", help="comparison dashboard of a sweep (HTML + PNG), logged to its MLflow run")
-    p.add_argument("--config", help="YAML config (default: the packaged demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.add_argument("--sweep-run", metavar="RUN_ID", help="the sweep's parent run (default: found from the config)")
     p.add_argument("--out", metavar="DIR", help="report directory (default: <output_dir>/<name>/report)")
     p.set_defaults(func=_cmd_report)

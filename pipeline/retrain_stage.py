@@ -29,7 +29,7 @@ from dcpnas.binary import reconstruction_loss
 from dcpnas.genotype import Genotype
 from dcpnas.losses import soft_target_ce
 from dcpnas.network import create_network, inherit_weights, model_file, network_from_file
-from pipeline.config import Config
+from pipeline.config import Config, add_config_arguments
 from pipeline.data.shards import open_dataset
 from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import TrainTransform
@@ -603,6 +603,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--genotype", help="MLflow run id, models:/name@alias, JSON file or built-in name (default: retrain.genotype)"
     )
-    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.set_defaults(func=_cmd_retrain)

@@ -94,9 +94,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.config import add_config_arguments
+
     p = sub.add_parser("search", help="run one DCP-NAS search in this process (CPU or one GPU)")
-    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.add_argument("--out", help="output root (default: the config's output_dir)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     p.set_defaults(func=_cmd_search)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, add_config_arguments
 from pipeline.errors import UserError
 
 EPS = 1e-9
@@ -324,7 +324,6 @@ def _resources_without_compute(cfg: Config) -> dict[str, float]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a Ray Tune sweep of searches (seeds x spaces), tracked in MLflow")
-    p.add_argument("--config", help="YAML config (default: the packaged demo on digits)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, concurrency) and exit")
     p.set_defaults(func=_cmd_sweep)

@@ -100,9 +100,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.config import add_config_arguments
+
     p = sub.add_parser("ui", help="serve the MLflow UI for the config's tracking store (loopback by default)")
-    p.add_argument("--config", help="YAML config (default: the packaged demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    add_config_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; others get a warning)")
     p.add_argument("--port", type=int, default=5000, help="port (0: any free one)")
     p.set_defaults(func=_cmd_ui)
