@@ -53,7 +53,7 @@ def test_dry_run_prints_plan_and_projected_cost(tmp_path, capsys) -> None:
     assert "steps per phase: 11" in out
     assert "search: 0.02 h per trial x 4 trials in 2 wave(s)" in out
     assert "search cost: 0.0611 core-hours ~ $0.12 at $2/core-hour" in out  # 4 trials x 1 CPU (0.5 + 0.5) x 55 s
-    assert "teacher (real, 6 ep), step1 (binary_act, 6 ep), step2 (binary_all, 6 ep)" in out
+    assert "teacher (real, 3 ep), step1 (binary_act, 4 ep), step2 (binary_all, 4 ep)" in out
     assert not (tmp_path / "demo").exists()  # started nothing
 
 
