@@ -2,6 +2,7 @@
 
 Usage: ``python cluster/local_cluster.py start|stop|status|env [--dir DIR] ...`` or, from Python/tests,
 ``with LocalCluster(dir) as c: ...`` (``c.address``, ``c.dashboard_url``, ``c.env``, ``c.auth_headers()``).
+``c.kill_worker_node()`` / ``c.restart_worker_node()`` crash and bring back the worker node alone.
 
 Why it looks like this (design/stack-notes.md §3-§4):
 
@@ -294,9 +295,18 @@ class LocalCluster:
         """Start the worker node again (after ``kill_worker_node``), once GCS has marked the old one dead.
 
         Waiting for the death first keeps the count unambiguous: two ALIVE nodes then means the new one joined.
+        On a loaded machine the new raylet can miss ``ray start``'s fixed 30 s registration wait: then its
+        half-started processes are killed and it is started once more.
         """
         self._wait_for_nodes(1, exact=True)
-        self._check_started("worker", self._ray_start("worker", self._worker_args()))
+        for attempt in range(2):
+            try:
+                self._check_started("worker", self._ray_start("worker", self._worker_args()))
+                break
+            except RuntimeError:
+                if attempt:
+                    raise
+                self.kill_worker_node()
         self._wait_for_nodes(2)
         self.processes = [
             {"pid": p.pid, "create_time": p.create_time(), "name": p.name()} for p in cluster_processes(self.cluster_id)
@@ -392,11 +402,20 @@ class LocalCluster:
         ]
 
     def _worker_args(self) -> list[str]:
-        """``ray start`` arguments of the worker node; a fresh free dashboard-agent port on every (re)start."""
+        """``ray start`` arguments of the worker node; fresh free agent ports on every (re)start.
+
+        Given ports, the raylet need not wait for its agents to write theirs to files: under load the dashboard
+        agent's imports outlast that wait (~17 s), and the raylet aborts ("Timed out waiting for file
+        .../metrics_agent_port_<node>").
+        """
+        listen, grpc, metrics, runtime_env = free_ports(4)
         return [
             f"--address={self.address}",
             f"--node-ip-address={self.worker_ip}",
-            f"--dashboard-agent-listen-port={free_ports(1)[0]}",
+            f"--dashboard-agent-listen-port={listen}",
+            f"--dashboard-agent-grpc-port={grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
             f"--temp-dir={self.dir / 'worker'}",
             *self._common_args(),
         ]
