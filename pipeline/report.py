@@ -226,10 +226,10 @@ def _genotype_images(client: MlflowClient, trial: Trial, out_dir: Path) -> None:
     ``genotype.json`` when only the JSON was logged."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import GENOTYPE_DIR, _slug
+    from pipeline.tracking import GENOTYPE_DIR, slug
 
     run_id = trial.run["run_id"]
-    rel = Path("genotypes") / _slug(f"{trial.space}-seed{trial.seed}-{run_id[:8]}")  # tags are free text
+    rel = Path("genotypes") / slug(f"{trial.space}-seed{trial.seed}-{run_id[:8]}")  # tags are free text
     dest = out_dir / rel
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -693,7 +693,7 @@ def build_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> Path
     )
     index = out_dir / "index.html"
     index.write_text(
-        render_html(sweep, ctx.experiment_name, tracking._display(ctx.uri), trials, summary, plots), encoding="utf-8"
+        render_html(sweep, ctx.experiment_name, tracking.display_uri(ctx.uri), trials, summary, plots), encoding="utf-8"
     )
     return index
 
@@ -710,7 +710,7 @@ def existing_store(uri: str | None) -> str:
     from pipeline import tracking
 
     resolved = tracking.resolve_uri(uri)
-    if urlsplit(resolved).scheme == "sqlite" and not tracking._sqlite_path(resolved).exists():
+    if urlsplit(resolved).scheme == "sqlite" and not tracking.sqlite_path(resolved).exists():
         raise UserError(f"no tracking store at {resolved}; run `dcpnas sweep` first or set tracking.uri")
     return resolved
 

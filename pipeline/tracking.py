@@ -94,7 +94,7 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def _display(uri: str) -> str:
+def display_uri(uri: str) -> str:
     """The URI without a password, for messages and logged values."""
     parts = urlsplit(uri)
     if not parts.password:
@@ -102,12 +102,18 @@ def _display(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
-def _sqlite_path(uri: str) -> Path:
+def sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI."""
     return Path(uri.removeprefix("sqlite:///").partition("?")[0])
 
 
+def artifacts_dir(uri: str) -> Path:
+    """Where a SQLite store keeps its artifacts: ``artifacts/`` next to the database file."""
+    return sqlite_path(uri).parent / "artifacts"
+
+
 def _check_sqlite(uri: str) -> Path:
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -129,7 +135,7 @@ def _check_health(uri: str) -> None:
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, refusals are OSErrors
         reason = str(getattr(e, "reason", e))
     raise UserError(
-        f"MLflow tracking server {_display(uri)} is not reachable ({reason}); "
+        f"MLflow tracking server {display_uri(uri)} is not reachable ({reason}); "
         "start it or fix tracking.uri / MLFLOW_TRACKING_URI"
     )
 
@@ -155,13 +161,14 @@ def prepare(uri: str | None, experiment: str) -> TrackingContext:
     if scheme == "sqlite":
         db = _check_sqlite(uri)
         with FileLock(f"{db}.lock", timeout=300):
-            return _experiment(uri, experiment, (db.parent / "artifacts" / _slug(experiment)).as_uri())
+            return _experiment(uri, experiment, (artifacts_dir(uri) / slug(experiment)).as_uri())
     if scheme in ("http", "https"):
         _check_health(uri)
     return _experiment(uri, experiment, None)
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A file-name-safe form of a free-text name (experiment names, run tags)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
 
 
@@ -177,10 +184,10 @@ def _experiment(uri: str, name: str, artifact_location: str | None) -> TrackingC
                     raise
             exp = client.get_experiment_by_name(name)
     except MlflowException as e:
-        raise UserError(f"MLflow at {_display(uri)}: {e.message}") from None
+        raise UserError(f"MLflow at {display_uri(uri)}: {e.message}") from None
     if exp.lifecycle_stage != "active":
         raise UserError(
-            f"experiment '{name}' at {_display(uri)} is deleted; restore it "
+            f"experiment '{name}' at {display_uri(uri)} is deleted; restore it "
             f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or purge it (mlflow gc)"
         )
     return TrackingContext(uri, exp.experiment_id, name, exp.artifact_location)
@@ -214,7 +221,7 @@ def _scrub(value: Any) -> Any:
         return {k: REDACTED if _is_secret(str(k)) else _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
-    return _display(value) if isinstance(value, str) else value
+    return display_uri(value) if isinstance(value, str) else value
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -475,7 +482,7 @@ def find_genotype(ctx: TrackingContext, ref: str) -> tuple[Genotype, str | None]
             path = client.download_artifacts(run_id, f"{GENOTYPE_DIR}/genotype.json", tmp)
             genotype = Genotype.load(path).validate()
     except MlflowException as e:
-        raise UserError(f"genotype {ref} at {_display(ctx.uri)}: {e.message}") from None
+        raise UserError(f"genotype {ref} at {display_uri(ctx.uri)}: {e.message}") from None
     except (GenotypeError, OSError) as e:
         raise UserError(f"genotype {ref}: {e}") from None
     for what, h in expected.items():
@@ -567,5 +574,5 @@ def serving(ctx: TrackingContext) -> Iterator[TrackingContext]:
     if urlsplit(ctx.uri).scheme != "sqlite":
         yield ctx
         return
-    with local_server(ctx.uri, _sqlite_path(ctx.uri).parent / "artifacts") as uri:
+    with local_server(ctx.uri, artifacts_dir(ctx.uri)) as uri:
         yield replace(ctx, uri=uri)

@@ -67,13 +67,13 @@ def serve(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) 
     from pipeline import tracking
 
     if urlsplit(uri).scheme in ("http", "https"):
-        print(f"{tracking._display(uri)} is an MLflow server: open it in a browser", flush=True)
+        print(f"{tracking.display_uri(uri)} is an MLflow server: open it in a browser", flush=True)
         return
     if urlsplit(uri).scheme != "sqlite":
-        raise UserError(f"dcpnas ui serves SQLite stores; for {tracking._display(uri)} run `mlflow server` itself")
+        raise UserError(f"dcpnas ui serves SQLite stores; for {tracking.display_uri(uri)} run `mlflow server` itself")
     if not _is_loopback(host):
         print(f"warning: binding {host}: the MLflow UI has no authentication", file=sys.stderr, flush=True)
-    artifacts = tracking._sqlite_path(uri).parent / "artifacts"
+    artifacts = tracking.artifacts_dir(uri)
     with _sigterm_as_interrupt():
         try:
             with tracking.local_server(uri, artifacts, host, port) as url:
