@@ -3,20 +3,21 @@ driver killed mid-sweep and run again (every stage's MLflow runs, no duplicates,
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+from test_local_cluster import lc
 
 from pipeline.cli import main
 from pipeline.driver import select
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> dict:
@@ -67,22 +68,12 @@ def test_unreachable_addresses_fail_before_any_compute(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists()
 
 
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (its session: the local Ray it launched included)."""
-    sid = os.getsid(proc.pid)
-    victims = [p for p in psutil.process_iter() if _sid(p) == sid]
-    for p in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(victims, timeout=30)
+def kill_run(proc: subprocess.Popen, marker: str) -> None:
+    """SIGKILL the driver's process group, then every process of that run left behind (the local Ray's GCS,
+    raylet, agents and workers and the MLflow server run in other sessions but carry ``marker``)."""
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-
-
-def _sid(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except OSError:
-        return None
+    assert lc.terminate(lc.cluster_processes(marker), 2.0) == []
 
 
 @pytest.mark.slow
@@ -103,22 +94,43 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         "--set",
         "search.warmup_epochs=1",
         "--set",
+        "data.weight_fraction=0.2",
+        "--set",
+        "data.arch_fraction=0.2",
+        "--set",
         "retrain.epochs=2",
         "--set",
         "retrain.teacher_epochs=1",
     ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="e2e", dir="/tmp"))  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    first_marker, second_marker = uuid.uuid4().hex, uuid.uuid4().hex
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env={**env, lc.MARKER: first_marker},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     trials = out / "demo" / "ray" / "trials"
     deadline = time.time() + 600
-    while not list(trials.glob("search-*/checkpoint_*")):  # the first epoch of some trial is checkpointed
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "no search checkpoint within 10 minutes"
-        time.sleep(2)
-    kill_session(first)
-
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        while not (checkpointed := {p.parent.name for p in trials.glob("search-*/checkpoint_*")}):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no search checkpoint within 10 minutes"
+            time.sleep(2)
+    finally:
+        kill_run(first, first_marker)
+    try:
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env={**env, lc.MARKER: second_marker}, capture_output=True, text=True, timeout=1800
+        )
+    finally:
+        lc.terminate(lc.cluster_processes(second_marker), 2.0)  # ray.shutdown() may leave an agent behind
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "report: " in done.stdout and "MLflow UI: dcpnas ui" in done.stdout
 
@@ -138,6 +150,9 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         assert r.info.status == "FINISHED"
         names = {a.path for a in client.list_artifacts(r.info.run_id, "genotype")}
         assert "genotype/genotype.json" in names
+        seed, space = (kv.split("=")[1] for kv in r.data.tags["trial_key"].split(","))
+        if f"search-seed{seed}-{space}" in checkpointed:  # resumed from its checkpoint: no epoch run twice
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch")) == [0, 1]
     (retrain,) = by_stage["retrain"]  # top_k 1
     assert retrain.info.status == "FINISHED" and 0.1 < retrain.data.metrics["top1"] <= 1.0
     assert {"step1/model.pt", "step2/model.pt", "teacher/model.pt"} <= {
