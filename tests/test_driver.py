@@ -50,10 +50,10 @@ def test_dry_run_prints_plan_and_projected_cost(tmp_path, capsys) -> None:
     assert main(["run", *sets, "--dry-run", "--step-seconds", "0.5", "--price", "2"]) == 0
     out = capsys.readouterr().out
     assert "trials: 4" in out and "max concurrent trials: 2" in out
-    # digits: 1437 train rows x 0.5 weight fraction / batch 64 = 11 steps; 5 epochs x 2 phases x 11 x 0.5 s = 55 s
-    assert "steps per phase: 11" in out
-    assert "search: 0.02 h per trial x 4 trials in 2 wave(s)" in out
-    assert "search cost: 0.0611 core-hours ~ $0.12 at $2/core-hour" in out  # 4 trials x 1 CPU (0.5 + 0.5) x 55 s
+    # digits: 1437 train rows x 0.25 weight fraction / batch 64 = 5 steps; 4 epochs x 2 phases x 5 x 0.5 s = 20 s
+    assert "steps per phase: 5" in out
+    assert "search: 0.01 h per trial x 4 trials in 2 wave(s)" in out
+    assert "search cost: 0.0222 core-hours ~ $0.04 at $2/core-hour" in out  # 4 trials x 1 CPU (0.5 + 0.5) x 20 s
     assert "teacher (real, 3 ep), step1 (binary_act, 4 ep), step2 (binary_all, 4 ep)" in out
     assert not (tmp_path / "demo").exists()  # started nothing
 
