@@ -3,29 +3,17 @@ the JSON holds the timings, the three goal ratios and the machine."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_scripts import load_bench
 
 pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow]
 
 
-def _load_bench() -> ModuleType:
-    """bench/ is not an installed package; load the script by path so any pytest invocation finds it."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "distributed.py"
-    spec = importlib.util.spec_from_file_location("bench_distributed", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("distributed")
 
 
 def test_quick_mode_writes_every_launch_and_goal(tmp_path: Path) -> None:

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_scripts import load_bench
 from torch.func import functional_call
 
 from dcpnas.search import DCPNASSearch
 from dcpnas.supernet import SuperNet, frozen_bn_stats
 
-
-def _load_bench() -> ModuleType:
-    """bench/ is not an installed package; load the script by path so any pytest invocation finds it."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "search_step.py"
-    spec = importlib.util.spec_from_file_location("bench_search_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench("search_step")
 TINY = dict(channels=4, layers=3, space="dcpnas_3x3")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
