@@ -52,13 +52,17 @@ def _check_ray_address() -> None:
 def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
     """Register the chosen genotypes and retrain each under its search run."""
     from pipeline import tracking
-    from pipeline.retrain_stage import check_resources, retrain_genotype
+    from pipeline.retrain_stage import check_resources, num_classes, preflight, retrain_genotype
     from pipeline.sweep import _ray_init
 
     ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
+    genotypes = []
     for rank, t in enumerate(chosen, 1):
         version = tracking.register_genotype(ctx, t["run_id"], f"{cfg.name}-genotypes", f"rank{rank}")
         log(f"select: rank {rank} {t['trial_key']} genotype {t['genotype_hash'][:12]} -> model version {version}")
+        genotype, _ = tracking.find_genotype(ctx, t["run_id"])
+        preflight(cfg, genotype, num_classes(cfg))  # bad input stops here, before Ray starts
+        genotypes.append(genotype)
     started = _ray_init(cfg)
     try:
         import ray
@@ -66,8 +70,7 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
         check_resources(cfg, ray.cluster_resources())
         out = []
         with tracking.serving(ctx) as served:
-            for t in chosen:
-                genotype, _ = tracking.find_genotype(served, t["run_id"])
+            for t, genotype in zip(chosen, genotypes):
                 out.append(retrain_genotype(cfg, served, genotype, t["run_id"], {"seed": t["seed"]}, log))
         return out
     finally:
@@ -92,7 +95,7 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     chosen = select(trials, cfg.retrain.top_k)
     log(f"select: {len(chosen)} of {len(trials)} trials ({len({t.get('genotype_hash') for t in trials})} genotypes)")
     retrains = retrain_selected(search_data(cfg, log), chosen, log) if chosen else []
-    sweep_run = report.find_sweep_run(ctx, search_data(cfg, log).hash, log)
+    sweep_run = trials[0]["sweep_run_id"]  # every trial summary names its sweep run
     index = report.build_report(ctx, sweep_run, cfg.run_dir() / "report")
     report.publish_report(ctx, sweep_run, index.parent)
     log(f"done in {time.perf_counter() - t0:.0f} s")

@@ -155,8 +155,11 @@ class Engine:
     def backward_step(self, loss: Tensor) -> None:
         raise NotImplementedError
 
+    optimizer: torch.optim.Optimizer  # DeepSpeed's ZeRO wrapper exposes the base optimizer's param_groups
+
     def set_lr(self, lr: float) -> None:
-        raise NotImplementedError
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -187,10 +190,6 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss)
         self.engine.step()
 
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(directory, tag=DS_TAG, client_state=client_state)  # every rank: its ZeRO shard
 
@@ -219,10 +218,6 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:  # replicas are identical
@@ -491,8 +486,7 @@ def retrain_genotype(
         if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
             log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
             return {"run_id": t["run_id"], "genotype_hash": genotype.hash, "skipped": True, **t["metrics"]}
-    classes = num_classes(cfg)
-    preflight(cfg, genotype, classes)
+    classes = num_classes(cfg)  # the caller ran preflight() before starting Ray
     run_id = tracking.start_trial_run(
         ctx,
         parent_run_id,
@@ -573,11 +567,8 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
         check_resources(cfg, ray.cluster_resources())
         with tracking.serving(ctx) as served:
             parent = search_run or tracking.start_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
-            tags = (
-                {}
-                if search_run is None
-                else {k: v for k, v in tracking.get_run(served, search_run)["tags"].items() if k in ("seed",)}
-            )
+            seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")
+            tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
             return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after)
     finally:
         if started:

@@ -240,7 +240,8 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
             for t in p.trials:
                 r = next((r for r in results if r.get("trial_key") == t.key), None)
                 run = trials.get(t.key)
-                out.append({**(r or {}), **(_summary(t, run, bool(r and r.get("skipped"))) if run else {})})
+                summary = _summary(t, run, bool(r and r.get("skipped"))) if run else {}
+                out.append({**(r or {}), **summary, "sweep_run_id": parent})
             return out
     finally:
         if started:
