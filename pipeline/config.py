@@ -133,6 +133,12 @@ class RetrainSection(BaseModel):
             raise ValueError("retrain.min_lr must be <= retrain.lr")
         if self.batch_size % self.workers:
             raise ValueError(f"retrain.batch_size {self.batch_size} must divide by retrain.workers {self.workers}")
+        if self.zero_stage == 3:
+            raise ValueError(
+                "retrain.zero_stage 3 is not supported: ZeRO-3 partitions the conv weights that the reconstruction "
+                "loss L_R reads outside the forward pass; use 0, 1 or 2 (DCP-NAS-L has 12 M parameters, so stage 3 "
+                "would save nothing)"
+            )
         return self
 
     def step_weight_decay(self, index: int) -> float:

@@ -94,15 +94,23 @@ def use_bf16(setting: bool | str, cuda: bool) -> bool:
     return cuda if setting == "auto" else bool(setting)
 
 
-def deepspeed_config(cfg: Config, micro_batch: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, micro_batch: int, bf16: bool, cuda: bool) -> dict[str, Any]:
     """The DeepSpeed config the engine gets: ZeRO stage and precision from ``cfg.retrain``; the
-    optimizer is ours (torch AdamW with timm's groups), so DeepSpeed builds no JIT ops on CPU."""
+    optimizer is ours (torch AdamW with timm's groups), so DeepSpeed builds no JIT ops on CPU.
+
+    On CPU, ZeRO's ``contiguous_gradients`` bucket is a fresh ``reduce_bucket_size`` allocation every
+    step (page faults, then a copy of every gradient): it made the ZeRO-1 step 5-10 % slower than DDP's
+    (docs/benchmarks/retrain.md), so CPU runs reduce the gradients where they are. GPUs keep the default.
+    """
     r = cfg.retrain
+    zero: dict[str, Any] = {"stage": r.zero_stage}
+    if not cuda and r.zero_stage:
+        zero["contiguous_gradients"] = False
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * r.workers,
-        "zero_optimization": {"stage": r.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "gradient_clipping": 0.0,
         "steps_per_print": 1 << 30,
@@ -174,11 +182,13 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, step: Step, micro_batch: int, bf16: bool) -> None:
         import deepspeed
 
+        cuda = next(model.parameters()).is_cuda
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         optimizer = torch.optim.AdamW(param_groups(model, step.weight_decay), lr=step.lr, eps=1e-8)
+        config = deepspeed_config(cfg, micro_batch, bf16, cuda)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch, bf16), dist_init_required=False
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
         self.module = self.engine.module
         self.bf16 = bf16

@@ -51,7 +51,7 @@ def walk(node: Any) -> Any:
 
 # -- parsing -----------------------------------------------------------------------------------------------------------
 def test_every_yaml_and_json_file_parses() -> None:
-    assert len(YAML_FILES) >= 12 and len(JSON_FILES) == 3
+    assert len(YAML_FILES) >= 12 and len(JSON_FILES) == 2
     for path in YAML_FILES:
         assert docs(path), f"{path} is empty"
     for path in JSON_FILES:
@@ -243,7 +243,7 @@ def test_mlflow_server_uses_postgres_and_an_object_store() -> None:
 
 
 # -- DeepSpeed references --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_references_validate_and_match_the_retrain_l_config(stage: int) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 

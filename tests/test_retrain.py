@@ -120,13 +120,20 @@ def test_bad_input_fails_before_training(tmp_path) -> None:
         )
     with pytest.raises(UserError, match=r"retrain\.batch_size 63 must divide by retrain\.workers 2"):
         retrain_config(tmp_path, "retrain.workers=2", "retrain.batch_size=63")
+    with pytest.raises(UserError, match=r"retrain\.zero_stage 3 is not supported: .* reconstruction loss"):
+        retrain_config(tmp_path, "retrain.zero_stage=3")
 
 
 def test_deepspeed_config_comes_from_the_retrain_section(tmp_path) -> None:
     cfg = retrain_config(tmp_path, "retrain.workers=2", "retrain.zero_stage=2", "retrain.batch_size=64")
-    ds = deepspeed_config(cfg, 32, bf16=False)
+    ds = deepspeed_config(cfg, 32, bf16=False, cuda=True)
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": False}
+    # CPU: no per-step contiguous gradient bucket (docs/benchmarks/retrain.md)
+    assert deepspeed_config(cfg, 32, bf16=False, cuda=False)["zero_optimization"] == {
+        "stage": 2,
+        "contiguous_gradients": False,
+    }
     assert "optimizer" not in ds  # ours: torch AdamW with timm's groups, no JIT-built DeepSpeed op
 
 
