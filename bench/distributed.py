@@ -1,7 +1,7 @@
 """Distributed search cost: Ray Train against bare torchrun, cold start, and 1 vs 2 workers, in one run.
 
 Every launch runs the same worker loop (``timed_steps``): a ``DCPNASSearch`` wrapped for DDP exactly as
-``pipeline.search_stage.search_worker`` wraps it (``ddp`` for weight steps, ``allreduce_mean`` for architecture
+``pipeline.search_stage.search_worker`` wraps it (``ddp`` for weight steps, ``all_reduce_mean`` for architecture
 terms; no wrapping with one rank), the architecture active (no warm-up), one thread per rank, and a fixed random
 batch per rank. One iteration is a Parent step then a Child step (the two phases of a search epoch). Launches:
 
@@ -39,8 +39,9 @@ import torch
 import torch.distributed as dist
 
 from dcpnas.search import DCPNASSearch
+from pipeline.collectives import all_reduce_mean
 from pipeline.config import Config, load_config
-from pipeline.search_stage import allreduce_mean, ddp
+from pipeline.search_stage import ddp
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHES = ("torchrun_2", "ray_2", "ray_1")
@@ -59,7 +60,7 @@ def timed_steps(task: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    kw = {"wrap": ddp, "reduce_mean": allreduce_mean} if world > 1 else {}
+    kw = {"wrap": ddp, "reduce_mean": all_reduce_mean} if world > 1 else {}
     search = DCPNASSearch(cfg.search_config(), **kw)
     s, n = search.cfg, task["batch"]
     g = torch.Generator().manual_seed(rank)

@@ -169,7 +169,9 @@ class SuperNet(nn.Module):
         norms = torch.zeros_like(self.alpha, dtype=torch.float64)
         for cell in self.cells:
             for e, edge in enumerate(cell.edges):
-                norms[int(cell.reduction), e] += torch.tensor(edge.weight_norms(), dtype=torch.float64)
+                norms[int(cell.reduction), e] += torch.tensor(
+                    edge.weight_norms(), dtype=norms.dtype, device=norms.device
+                )
         return norms
 
 

@@ -12,25 +12,26 @@ import hashlib
 import io
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from dcpnas.cost import count_cost
 from dcpnas.network import network_from_file
+from pipeline.collectives import all_reduce_sum
 from pipeline.config import Config, add_config_arguments
 from pipeline.data.stream import ShardStream
-from pipeline.data.transforms import EvalTransform
+from pipeline.data.transforms import EvalTransform, on_device
 from pipeline.errors import UserError
 
 MODEL_FILE = "model.pt"
 SHA_TAG = "model_sha256"  # tag model_sha256.<step> on a retrain run: the hash of its <step>/model.pt
 FINAL_STEP_TAG = "final_step"  # on a retrain run: the step whose model is the result
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+Batch = tuple[Tensor, Tensor]
 
 
 def sha256_file(uri: str) -> str:
@@ -70,21 +71,27 @@ def image_size(cfg: Config) -> int:
 
 
 def held_out_stream(cfg: Config, batch_size: int, rank: int = 0, world: int = 1) -> ShardStream:
-    """Every row of ``data.eval_split`` exactly once across ranks, centre crop (none for tiny images)."""
+    """Every row of ``data.eval_split`` exactly once across ranks, centre crop (none for tiny images), as
+    uint8 batches: pass them through ``device_batches``."""
     d = cfg.data
     size = image_size(cfg)
-    transform = EvalTransform(size, crop_fraction=1.0 if size <= 32 else 0.875, mean=tuple(d.mean), std=tuple(d.std))
     return ShardStream(
         d.uri,
         d.eval_split,
         batch_size=batch_size,
-        transform=transform,
+        transform=EvalTransform(size, crop_fraction=1.0 if size <= 32 else 0.875, normalize=False),
         rank=rank,
         world_size=world,
         num_workers=d.loader_workers,
         shuffle=False,
         drop_last=False,
+        pin_memory=torch.cuda.is_available(),
     )
+
+
+def device_batches(cfg: Config, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> Iterator[Batch]:
+    """A stream's uint8 batches, normalised with ``data.mean``/``data.std`` on ``device``."""
+    return on_device(batches, device, tuple(cfg.data.mean), tuple(cfg.data.std))
 
 
 @torch.no_grad()
@@ -95,11 +102,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     counts = torch.zeros(3, dtype=torch.float64)
     for x, y in batches:
         logits = model(x.to(device, next(model.parameters()).dtype)).float().cpu()
+        y = y.cpu()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), len(y)], dtype=torch.float64)
     model.train(was_training)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+    counts = all_reduce_sum(counts)
     n = max(counts[2].item(), 1.0)
     return {"top1": counts[0].item() / n, "top5": counts[1].item() / n, "num_examples": counts[2].item()}
 
@@ -126,7 +133,8 @@ def evaluate_file(cfg: Config, content: dict[str, Any], num_classes: int) -> dic
     model = network_from_file(content)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     stream = held_out_stream(cfg, cfg.retrain.batch_size // cfg.retrain.workers)
-    return {**evaluate(model.to(device), stream, device), **cost_metrics(model, image_size(cfg))}
+    metrics = evaluate(model.to(device), device_batches(cfg, stream, device), device)
+    return {**metrics, **cost_metrics(model, image_size(cfg))}
 
 
 def resolve_model(ctx: Any, ref: str, dest: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

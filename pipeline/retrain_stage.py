@@ -29,6 +29,7 @@ from dcpnas.binary import reconstruction_loss
 from dcpnas.genotype import Genotype
 from dcpnas.losses import soft_target_ce
 from dcpnas.network import create_network, inherit_weights, model_file, network_from_file
+from pipeline.collectives import all_reduce_sum, worker_device
 from pipeline.config import Config, add_config_arguments
 from pipeline.data.shards import open_dataset
 from pipeline.data.stream import ShardStream
@@ -39,6 +40,7 @@ from pipeline.eval_stage import (
     MODEL_FILE,
     SHA_TAG,
     check_classes,
+    device_batches,
     evaluate,
     held_out_stream,
     image_size,
@@ -134,11 +136,10 @@ def build_network(cfg: Config, genotype: Genotype, stage: str, num_classes: int)
 
 # ---- data ---------------------------------------------------------------------------------------------
 def train_stream(cfg: Config, rank: int, world: int) -> ShardStream:
-    """This rank's training batches of ``data.split`` (random-resized crop, flip per config)."""
+    """This rank's training batches of ``data.split`` (random-resized crop, flip per config) as uint8 batches:
+    pass them through ``device_batches``."""
     d, r = cfg.data, cfg.retrain
-    transform = TrainTransform(
-        image_size(cfg), scale=tuple(r.crop_scale or d.crop_scale), flip=d.flip, mean=tuple(d.mean), std=tuple(d.std)
-    )
+    transform = TrainTransform(image_size(cfg), scale=tuple(r.crop_scale or d.crop_scale), flip=d.flip, normalize=False)
     return ShardStream(
         d.uri,
         d.split,
@@ -148,6 +149,7 @@ def train_stream(cfg: Config, rank: int, world: int) -> ShardStream:
         world_size=world,
         num_workers=d.loader_workers,
         seed=r.seed,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -266,7 +268,7 @@ def retrain_worker(task: dict[str, Any]) -> None:
     torch.set_num_threads(max(cfg.threads, 1))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = worker_device()
     logs = task.get("tracking") is not None and task.get("run_id") is not None and rank == 0
     if logs:
         from pipeline import tracking
@@ -295,7 +297,7 @@ def retrain_worker(task: dict[str, Any]) -> None:
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if task.get("init") and checkpoint is None:  # how much of the previous step survives this stage (all ranks)
-        init_top1 = evaluate(engine.module, held_out, device)["top1"]
+        init_top1 = evaluate(engine.module, device_batches(cfg, held_out, device), device)["top1"]
         if logs:
             tracking.log_epoch(task["tracking"], task["run_id"], {f"{step.name}/init_top1": init_top1}, step=0)
     if checkpoint is not None:
@@ -311,8 +313,7 @@ def retrain_worker(task: dict[str, Any]) -> None:
         train.set_epoch(epoch)
         torch.manual_seed(cfg.retrain.seed * 1000 + epoch)
         t0, losses, seen = time.perf_counter(), [], 0
-        for x, y in train:
-            x, y = x.to(device), y.to(device)
+        for x, y in device_batches(cfg, train, device):
             probs = None
             if teacher is not None:
                 with torch.no_grad():
@@ -322,10 +323,11 @@ def retrain_worker(task: dict[str, Any]) -> None:
             losses.append(loss.item())
             seen += len(y)
         seconds = time.perf_counter() - t0
-        metrics = {f"{step.name}/{k}": v for k, v in evaluate(engine.module, held_out, device).items()}
-        mean_loss = torch.tensor([sum(losses), len(losses), seen], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(mean_loss)
+        metrics = {
+            f"{step.name}/{k}": v
+            for k, v in evaluate(engine.module, device_batches(cfg, held_out, device), device).items()
+        }
+        mean_loss = all_reduce_sum(torch.tensor([sum(losses), len(losses), seen], dtype=torch.float64))
         metrics.update(
             {
                 "epoch": epoch,

@@ -18,21 +18,15 @@ from torch import Tensor, nn
 
 from dcpnas.checkpoint import load_checkpoint, save_checkpoint
 from dcpnas.search import PHASES, Batch, DCPNASSearch, DivergedError
+from pipeline.collectives import all_reduce_mean, worker_device
 from pipeline.config import Config
 from pipeline.data.shards import open_dataset
 from pipeline.data.splits import SearchSplit, balanced_split
 from pipeline.data.stream import ShardStream
-from pipeline.data.transforms import EvalTransform, TrainTransform
+from pipeline.data.transforms import EvalTransform, TrainTransform, on_device
 
 CHECKPOINT_FILE = "search.pt"
 ALPHA_HISTORY_FILE = "alpha_history.pt"  # only with tracking: the alphas of every epoch, for the history plot
-
-
-def allreduce_mean(t: Tensor) -> Tensor:
-    """Average across ranks (a copy): architecture gradients, tangents, metrics."""
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
 
 
 def ddp(module: nn.Module) -> nn.Module:
@@ -61,22 +55,29 @@ class StreamSearchData:
     weights: ShardStream
     arch: ShardStream
     held_out: ShardStream
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     @classmethod
-    def open(cls, cfg: Config, split: SearchSplit, rank: int = 0, world_size: int = 1) -> StreamSearchData:
+    def open(
+        cls, cfg: Config, split: SearchSplit, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+    ) -> StreamSearchData:
+        """Workers ship uint8 images; they are normalised on ``device`` (default CPU) as they arrive."""
         d = cfg.data
         if d.batch_size % world_size:
             raise ValueError(
                 f"data.batch_size {d.batch_size} is the global batch: it must divide by {world_size} workers"
             )
-        norm = {"mean": tuple(d.mean), "std": tuple(d.std)}
-        train = TrainTransform(d.image_size, scale=tuple(d.crop_scale), flip=d.flip, **norm)
+        device = device or torch.device("cpu")
+        train = TrainTransform(d.image_size, scale=tuple(d.crop_scale), flip=d.flip, normalize=False)
         common = dict(
             batch_size=d.batch_size // world_size,
             rank=rank,
             world_size=world_size,
             num_workers=d.loader_workers,
             seed=cfg.search.seed,
+            pin_memory=device.type == "cuda",
         )
         return cls(
             ShardStream(d.uri, d.split, transform=train, keys=split.parts["weights"], **common),
@@ -84,24 +85,28 @@ class StreamSearchData:
             ShardStream(
                 d.uri,
                 d.eval_split,
-                transform=EvalTransform(d.image_size, crop_fraction=1.0, **norm),
+                transform=EvalTransform(d.image_size, crop_fraction=1.0, normalize=False),
                 shuffle=False,
                 drop_last=False,
                 **common,
             ),
+            device,
+            tuple(d.mean),
+            tuple(d.std),
         )
 
     def batches(self, epoch: int, phase: str, start: int = 0) -> Iterator[tuple[Batch, Batch]]:
         # Each phase of each epoch reads its own order; equal batch counts on every rank (drop_last).
         for stream in (self.weights, self.arch):
             stream.set_epoch(2 * epoch + PHASES.index(phase))
-        for i, pair in enumerate(zip(self.weights, self.arch)):
+        ready = (on_device(s, self.device, self.mean, self.std) for s in (self.weights, self.arch))
+        for i, pair in enumerate(zip(*ready)):
             if i >= start:
                 yield pair
 
     def eval_batches(self) -> Iterator[Batch]:
         self.held_out.set_epoch(0)
-        yield from self.held_out
+        yield from on_device(self.held_out, self.device, self.mean, self.std)
 
 
 def numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -129,11 +134,15 @@ def search_worker(task: dict[str, Any]) -> None:
     if logs:
         from pipeline import tracking
 
+    device = worker_device()
     # 1. data: each rank streams its own slice of the shards
-    data = StreamSearchData.open(cfg, SearchSplit.load(task["split_uri"]), rank, world)
-    # 2. model: both supernets, DDP for weight steps, explicit mean for architecture terms
+    data = StreamSearchData.open(cfg, SearchSplit.load(task["split_uri"]), rank, world, device)
+    # 2. model: both supernets on this rank's device, DDP for weight steps, explicit mean for architecture terms
     search = DCPNASSearch(
-        cfg.search_config(), wrap=ddp if distributed else None, reduce_mean=allreduce_mean if distributed else None
+        cfg.search_config(),
+        wrap=ddp if distributed else None,
+        reduce_mean=all_reduce_mean if distributed else None,
+        device=device,
     )
     alpha_history: list[Tensor] = []
     checkpoint = ray.train.get_checkpoint()
@@ -151,7 +160,7 @@ def search_worker(task: dict[str, Any]) -> None:
         agree = not distributed or len(set(hashes)) == 1
         payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
         if tracked:
-            alpha_history.append(s.child.alpha.detach().clone())
+            alpha_history.append(s.child.alpha.detach().cpu())
         if logs:
             tracking.log_epoch(tracking_ctx, run_id, payload, step=int(metrics["epoch"]))
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +184,7 @@ def search_worker(task: dict[str, Any]) -> None:
         ray.train.report({"diverged": True, "failure_reason": reason, "epoch": search.epoch})
         return
     if logs:
-        alpha = search.child.alpha.detach()
+        alpha = search.child.alpha.detach().cpu()
         tracking.log_genotype(
             tracking_ctx, run_id, genotype, alpha=alpha, alpha_history=alpha_history or None, space=search.space
         )

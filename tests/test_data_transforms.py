@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.data.transforms import EvalTransform, TrainTransform, decode
+from pipeline.data.transforms import EvalTransform, TrainTransform, decode, on_device
 
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}  # output = pixel values, easy to check
 
@@ -77,3 +77,15 @@ def test_jpeg_draft_downscale_matches_full_decode():
     slow = t(full)
     assert decode(data).size == (800, 600)
     assert (fast - slow).abs().mean() < 2.0
+
+
+def test_uint8_batches_normalised_on_device_equal_the_float_transform_bitwise():
+    """The stages ship uint8 and normalise on the device; the numbers must be the float transform's exactly."""
+    imgs = [encode(pixels(60, 40, seed), quality=90) for seed in range(4)]
+    float_t, raw_t = TrainTransform(size=24), TrainTransform(size=24, normalize=False)
+    expected = torch.stack([float_t(decode(b), np.random.default_rng(i)) for i, b in enumerate(imgs)])
+    raw = torch.stack([raw_t(decode(b), np.random.default_rng(i)) for i, b in enumerate(imgs)])
+    assert raw.dtype == torch.uint8
+    labels = torch.arange(4)
+    [(x, y)] = on_device([(raw, labels)], torch.device("cpu"), float_t.mean, float_t.std)
+    assert x.dtype == torch.float32 and torch.equal(x, expected) and torch.equal(y, labels)

@@ -222,7 +222,7 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     from dcpnas.network import network_from_file
     from pipeline import tracking
     from pipeline.data.shards import open_dataset
-    from pipeline.eval_stage import evaluate, held_out_stream
+    from pipeline.eval_stage import device_batches, evaluate, held_out_stream
     from pipeline.retrain_stage import run_retrain
 
     cfg = retrain_config(tmp_path)
@@ -239,4 +239,5 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     step1 = read_model(str(tracking.download_artifact(ctx, out["run_id"], "step1/model.pt", tmp_path / "a")))
     inherited = network_from_file(step1, stage="binary_all")
     device = torch.device("cpu")
-    assert evaluate(inherited, held_out_stream(shards, 64), device)["top1"] == pytest.approx(logged, abs=1e-12)
+    batches = device_batches(shards, held_out_stream(shards, 64), device)
+    assert evaluate(inherited, batches, device)["top1"] == pytest.approx(logged, abs=1e-12)

@@ -52,15 +52,16 @@ def free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, split_uri: str, out: str) -> None:
     from dcpnas.search import DCPNASSearch
+    from pipeline.collectives import all_reduce_mean
     from pipeline.data.splits import SearchSplit
-    from pipeline.search_stage import StreamSearchData, allreduce_mean, ddp
+    from pipeline.search_stage import StreamSearchData, ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     cfg = Config.model_validate(cfg_dict)
     data = StreamSearchData.open(cfg, SearchSplit.load(split_uri), rank, world)
-    kw = {"wrap": ddp, "reduce_mean": allreduce_mean} if world > 1 else {}
+    kw = {"wrap": ddp, "reduce_mean": all_reduce_mean} if world > 1 else {}
     search = DCPNASSearch(cfg.search_config(), **kw)
     trace: list[str] = []
     step = search._arch_step

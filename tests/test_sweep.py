@@ -129,12 +129,13 @@ def _diverge_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from dcpnas.search import DCPNASSearch, DivergedError
-    from pipeline.search_stage import allreduce_mean, ddp
+    from pipeline.collectives import all_reduce_mean
+    from pipeline.search_stage import ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(None, ["search.init_channels=4", "search.layers=3"])
-    search = DCPNASSearch(cfg.search_config(), wrap=ddp, reduce_mean=allreduce_mean)
+    search = DCPNASSearch(cfg.search_config(), wrap=ddp, reduce_mean=all_reduce_mean)
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)  # only rank 1 sees a bad batch
     try:
         search._weight_step("parent", search.parent, loss)
