@@ -160,7 +160,7 @@ def search_worker(task: dict[str, Any]) -> None:
         agree = not distributed or len(set(hashes)) == 1
         payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
         if tracked:
-            alpha_history.append(s.child.alpha.detach().cpu())
+            alpha_history.append(s.child.alpha.detach().to("cpu", copy=True))
         if logs:
             tracking.log_epoch(tracking_ctx, run_id, payload, step=int(metrics["epoch"]))
         with tempfile.TemporaryDirectory() as tmp:
