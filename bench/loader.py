@@ -36,8 +36,6 @@ from pipeline.data.sources import imagefolder
 from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, decode, normalize
 
-BATCH = 64
-
 
 def make_jpegs(root: Path, n: int, classes: int = 10) -> list[tuple[Path, int]]:
     """ImageNet-like 500x375 JPEGs (q90, ~100 KB): smooth structure plus grain, so they compress like photos."""
@@ -117,8 +115,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1280)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size", type=int, default=224, help="crop size of the train transform")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out", type=Path, help="also write the medians, ratios and machine as JSON")
     args = ap.parse_args()
+    if args.images < 4 * args.batch:  # the rate skips each pass's first batch; 2 workers need 2 batches each
+        ap.error(f"--images {args.images} must be at least 4 x --batch ({args.batch})")
     transform, raw = TrainTransform(size=args.size), TrainTransform(size=args.size, normalize=False)
     finish = lambda x: normalize(x, IMAGENET_MEAN, IMAGENET_STD)  # noqa: E731
     load = [os.getloadavg()[0]]
@@ -133,14 +134,16 @@ def main() -> None:
             "a8": lambda: decode_rate(blobs, raw),
         }
         for w in (1, 2):
-            runs[f"b{w}"] = lambda w=w: rate(DataLoader(folder, BATCH, shuffle=True, num_workers=w))
+            runs[f"b{w}"] = lambda w=w: rate(DataLoader(folder, args.batch, shuffle=True, num_workers=w))
             runs[f"c{w}"] = lambda w=w: rate(
-                ShardStream(uri, "train", batch_size=BATCH, transform=transform, num_workers=w)
+                ShardStream(uri, "train", batch_size=args.batch, transform=transform, num_workers=w)
             )
             runs[f"u{w}"] = lambda w=w: rate(
-                ShardStream(uri, "train", batch_size=BATCH, transform=raw, num_workers=w), finish
+                ShardStream(uri, "train", batch_size=args.batch, transform=raw, num_workers=w), finish
             )
-            runs[f"r{w}"] = lambda w=w: rate(ShardStream(uri, "train", batch_size=BATCH, transform=raw, num_workers=w))
+            runs[f"r{w}"] = lambda w=w: rate(
+                ShardStream(uri, "train", batch_size=args.batch, transform=raw, num_workers=w)
+            )
         for run in runs.values():  # warm the page cache and the code paths
             run()
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
@@ -153,7 +156,7 @@ def main() -> None:
     load.append(os.getloadavg()[0])
     print(f"machine: {machine()}; 1-min load average {load[0]:.1f} before, {load[1]:.1f} after")
     print(
-        f"{args.images} JPEGs 500x375 (~{mean_kb:.0f} KB), TrainTransform({args.size}), batch {BATCH}, "
+        f"{args.images} JPEGs 500x375 (~{mean_kb:.0f} KB), TrainTransform({args.size}), batch {args.batch}, "
         f"median of {args.rounds} interleaved rounds\n"
     )
     print("| loader | 1 worker img/s | 2 workers img/s | CPU ms/img (1 w, 2 w) |\n|---|---|---|---|")

@@ -160,6 +160,9 @@ class Config(BaseModel):
     name: str = "demo"
     output_dir: str = "runs"
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
+    # On an autoscaling cluster: how long a stage waits for the autoscaler to add the nodes its workers need
+    # before its resource check fails (0: check the cluster as it is). GPU nodes take minutes to boot.
+    scale_up_wait_s: float = Field(0.0, ge=0)
     data: DataSection = DataSection()
     search: SearchSection = SearchSection()  # type: ignore[valid-type]
     sweep: SweepSection = SweepSection()

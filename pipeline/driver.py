@@ -52,7 +52,8 @@ def _check_ray_address() -> None:
 def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
     """Register the chosen genotypes and retrain each under its search run."""
     from pipeline import tracking
-    from pipeline.retrain_stage import check_resources, num_classes, preflight, retrain_genotype
+    from pipeline.resources import cluster_resources
+    from pipeline.retrain_stage import check_resources, num_classes, preflight, retrain_genotype, worker_bundles
     from pipeline.sweep import _ray_init
 
     ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
@@ -65,9 +66,7 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
         genotypes.append(genotype)
     started = _ray_init(cfg)
     try:
-        import ray
-
-        check_resources(cfg, ray.cluster_resources())
+        check_resources(cfg, cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log))
         out = []
         with tracking.serving(ctx) as served:
             for t, genotype in zip(chosen, genotypes):

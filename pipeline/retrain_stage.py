@@ -47,6 +47,7 @@ from pipeline.eval_stage import (
     read_model,
     sha256_file,
 )
+from pipeline.resources import cluster_resources
 
 STATE_FILE = "ddp_state.pt"  # the plain-DDP engine's optimizer + weights (DeepSpeed writes its own layout)
 DS_TAG = "state"  # not "latest": DeepSpeed writes a file of that name next to the tag directory
@@ -414,6 +415,12 @@ def preflight(cfg: Config, genotype: Genotype, classes: int) -> None:
         check_classes(read_model(r.teacher), classes, f"teacher {r.teacher}")
 
 
+def worker_bundles(cfg: Config) -> list[dict[str, float]]:
+    """One bundle per retrain worker (what its Ray Train worker group reserves)."""
+    r = cfg.retrain
+    return [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}] * r.workers
+
+
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:
     """The retrain's workers must fit the cluster (Ray would wait for them forever)."""
     r = cfg.retrain
@@ -574,9 +581,7 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
     preflight(cfg, genotype, num_classes(cfg))
     started = _ray_init(cfg)
     try:
-        import ray
-
-        check_resources(cfg, ray.cluster_resources())
+        check_resources(cfg, cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log))
         with tracking.serving(ctx) as served:
             parent = search_run or tracking.start_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
             seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")

@@ -15,8 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, add_config_arguments
+from pipeline.config import Config, SweepSection, add_config_arguments
 from pipeline.errors import UserError
+from pipeline.resources import cluster_resources
 
 EPS = 1e-9
 
@@ -56,6 +57,11 @@ class Plan:
             f"max concurrent trials: {self.max_concurrent}",
         ]
         return "\n".join(lines)
+
+
+def trial_bundles(s: SweepSection) -> list[dict[str, float]]:
+    """What one trial reserves: its Tune driver function, then one bundle per DDP rank."""
+    return [{"CPU": s.trial_cpus}] + [{"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker}] * s.workers
 
 
 def plan(cfg: Config, cluster_resources: dict[str, float]) -> Plan:
@@ -222,7 +228,8 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
     try:
         import ray
 
-        p = plan(cfg, ray.cluster_resources())  # a trial that can never fit fails here, before any data work
+        # a trial that can never fit fails here, before any data work (after the autoscaler had its chance)
+        p = plan(cfg, cluster_resources(trial_bundles(cfg.sweep), cfg.scale_up_wait_s, log))
         log(p.describe())
         cfg = search_data(cfg, log)
         split_uri, split_sha = _save_split(cfg, log)

@@ -15,7 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_loader_bench_reports_every_loader_and_ratio(tmp_path) -> None:
     out = tmp_path / "loader.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "loader.py"), "--images", "96", "--rounds", "1", "--size", "64"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "loader.py"),
+        "--images",
+        "96",
+        "--rounds",
+        "1",
+        "--size",
+        "64",
+        "--batch",
+        "16",
+    ]
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
