@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(BIN)/dcpnas run
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"

@@ -299,13 +299,14 @@ def retrain_worker(task: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if task.get("init") and checkpoint is None:  # how much of the previous step survives this stage (all ranks)
         init_top1 = evaluate(engine.module, device_batches(cfg, held_out, device), device)["top1"]
-        if logs:
+        if logs and not tracking.logged_steps(task["tracking"], task["run_id"], f"{step.name}/init_top1"):
             tracking.log_epoch(task["tracking"], task["run_id"], {f"{step.name}/init_top1": init_top1}, step=0)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = engine.load(d)
         start, history = int(state["epoch"]) + 1, list(state["history"])
     mu = cfg.retrain.reconstruction_weight if step.stage == "binary_all" else 0.0
+    logged = tracking.logged_steps(task["tracking"], task["run_id"], f"{step.name}/epoch_seconds") if logs else set()
     stop_at = start + task["stop_after"] if task.get("stop_after") else step.epochs
 
     for epoch in range(start, min(step.epochs, stop_at)):
@@ -341,7 +342,7 @@ def retrain_worker(task: dict[str, Any]) -> None:
         before = history[-1][f"{step.name}/train_seconds"] if history else 0.0
         metrics[f"{step.name}/train_seconds"] = before + seconds
         history.append(metrics)
-        if logs:
+        if logs and epoch not in logged:  # an epoch re-run after a restart is logged once
             tracking.log_epoch(task["tracking"], task["run_id"], metrics, step=epoch)
         # 3. report: metrics and a checkpoint with every rank's state (DeepSpeed: one ZeRO shard per rank)
         with tempfile.TemporaryDirectory() as tmp:

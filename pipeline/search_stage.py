@@ -145,6 +145,7 @@ def search_worker(task: dict[str, Any]) -> None:
         device=device,
     )
     alpha_history: list[Tensor] = []
+    logged = tracking.logged_steps(tracking_ctx, run_id, "epoch") if logs else set()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -161,7 +162,7 @@ def search_worker(task: dict[str, Any]) -> None:
         payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
         if tracked:
             alpha_history.append(s.child.alpha.detach().to("cpu", copy=True))
-        if logs:
+        if logs and int(metrics["epoch"]) not in logged:
             tracking.log_epoch(tracking_ctx, run_id, payload, step=int(metrics["epoch"]))
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

@@ -325,6 +325,13 @@ def log_epoch(ctx: TrackingContext, run_id: str, metrics: Mapping[str, Any], ste
     _log_batch(_client(ctx.uri), run_id, metrics=values, tags=tags)
 
 
+def logged_steps(ctx: TrackingContext, run_id: str, key: str) -> set[int]:
+    """Steps at which ``key`` was already logged. A worker that restarts from a checkpoint older than its
+    last logged epoch (killed between logging and the checkpoint's commit) re-runs that epoch; it skips
+    logging it again, so each epoch appears once in the run's history."""
+    return {m.step for m in _client(ctx.uri).get_metric_history(run_id, key)}
+
+
 def finish_run(ctx: TrackingContext, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
     """End a run; ``reason`` (e.g. why a trial diverged) goes into the ``failure_reason`` tag."""
     if status not in ("FINISHED", "FAILED", "KILLED"):

@@ -68,12 +68,16 @@ def test_unreachable_addresses_fail_before_any_compute(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists()
 
 
-def kill_run(proc: subprocess.Popen, marker: str) -> None:
+def kill_run(proc: subprocess.Popen, marker: str) -> int:
     """SIGKILL the driver's process group, then every process of that run left behind (the local Ray's GCS,
-    raylet, agents and workers and the MLflow server run in other sessions but carry ``marker``)."""
+    raylet, agents and workers and the MLflow server run in other sessions but carry ``marker``); returns
+    how many orphans there were."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    assert lc.terminate(lc.cluster_processes(marker), 2.0) == []
+    orphans = lc.cluster_processes(marker)
+    assert lc.terminate(orphans, 2.0) == []
+    assert lc.cluster_processes(marker) == []
+    return len(orphans)
 
 
 @pytest.mark.slow
@@ -118,12 +122,15 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     trials = out / "demo" / "ray" / "trials"
     deadline = time.time() + 600
     try:
-        while not (checkpointed := {p.parent.name for p in trials.glob("search-*/checkpoint_*")}):
+        # Ray Train writes a checkpoint manager snapshot once a reported checkpoint is registered
+        while not (checkpointed := {p.parent.name for p in trials.glob("search-*/checkpoint_manager_snapshot.json")}):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no search checkpoint within 10 minutes"
-            time.sleep(2)
+            time.sleep(0.5)
+        assert first.poll() is None, "the run ended before it could be killed"
     finally:
-        kill_run(first, first_marker)
+        orphans = kill_run(first, first_marker)
+    assert orphans > 0  # the kill left Ray/MLflow processes in other sessions behind, and they were found
     try:
         done = subprocess.run(
             cmd, cwd=tmp_path, env={**env, lc.MARKER: second_marker}, capture_output=True, text=True, timeout=1800
@@ -133,6 +140,7 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "report: " in done.stdout and "MLflow UI: dcpnas ui" in done.stdout
+    assert "resuming Tune experiment" in done.stdout + done.stderr
 
     from mlflow.tracking import MlflowClient
 
@@ -142,8 +150,10 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     by_stage: dict[str, list] = {}
     for r in runs:
         by_stage.setdefault(r.data.tags.get("stage"), []).append(r)
-    assert len(by_stage["sweep"]) == 1
+    # nothing created twice or lost across the kill
+    assert {stage: len(rs) for stage, rs in by_stage.items()} == {"sweep": 1, "search": 4, "retrain": 1, "eval": 1}
     search = by_stage["search"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in search} == {by_stage["sweep"][0].info.run_id}
     keys = sorted(r.data.tags["trial_key"] for r in search)
     assert keys == sorted(f"seed={s},space={sp}" for s in (0, 1) for sp in ("dcpnas_3x3", "dcpnas_conv"))  # once each
     for r in search:

@@ -51,13 +51,16 @@ def test_a_stage_waits_for_new_nodes_and_fails_with_the_numbers_when_none_come()
         assert 2.0 <= time.monotonic() - t0 < 20
         assert "asking the autoscaler for 2 CPU, waiting up to 2 s" in lines[0]
         # A node joins while the stage waits (what the autoscaler does): the check passes without using the limit.
-        joiner = threading.Timer(1.0, lambda: cluster.add_node(num_cpus=2))
-        joiner.start()
+        # (The stage waits on a thread: Ray starts nodes from the main thread only.)
+        result: dict[str, float] = {}
         t0 = time.monotonic()
-        have = cluster_resources(bundles, 120.0, lines.append, poll_s=0.5)
-        joiner.join()
-        check_resources(cfg, have)
-        assert have["CPU"] == 3 and time.monotonic() - t0 < 60
+        waiter = threading.Thread(target=lambda: result.update(cluster_resources(bundles, 120.0, lines.append, 0.5)))
+        waiter.start()
+        time.sleep(1.0)
+        cluster.add_node(num_cpus=2)
+        waiter.join(timeout=120)
+        check_resources(cfg, result)
+        assert result["CPU"] == 3 and time.monotonic() - t0 < 60
         assert lines[-1] == "the cluster has 3 CPUs and 0 GPUs"
     finally:
         ray.shutdown()

@@ -135,6 +135,9 @@ def test_sweep_and_trial_runs_are_tagged_and_reused(store: str) -> None:
     assert t0.data.tags["mlflow.parentRunId"] == parent and t0.info.run_name == "seed=0,space=dcpnas"
     history = client.get_metric_history(trials[0], "child/val_acc")
     assert [(m.step, m.value) for m in history] == [(0, 0.25), (1, 0.5)]
+    # what a restarted worker reads to log a re-run epoch once
+    assert tracking.logged_steps(ctx, trials[0], "child/val_acc") == {0, 1}
+    assert tracking.logged_steps(ctx, trials[1], "child/val_acc") == set()
     listed = tracking.search_trials(ctx, parent)
     assert [t["run_id"] for t in listed] == trials and listed[0]["metrics"]["parent/loss"] == 2.0
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
