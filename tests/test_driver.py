@@ -105,6 +105,8 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         "retrain.epochs=2",
         "--set",
         "retrain.teacher_epochs=1",
+        "--set",
+        "sweep.seeds=[0]",  # 2 trials (one per space): a comparison, half the sweep time of the demo's 4
     ]
     ray_tmp = Path(tempfile.mkdtemp(prefix="e2e", dir="/tmp"))  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -151,11 +153,11 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     for r in runs:
         by_stage.setdefault(r.data.tags.get("stage"), []).append(r)
     # nothing created twice or lost across the kill
-    assert {stage: len(rs) for stage, rs in by_stage.items()} == {"sweep": 1, "search": 4, "retrain": 1, "eval": 1}
+    assert {stage: len(rs) for stage, rs in by_stage.items()} == {"sweep": 1, "search": 2, "retrain": 1, "eval": 1}
     search = by_stage["search"]
     assert {r.data.tags["mlflow.parentRunId"] for r in search} == {by_stage["sweep"][0].info.run_id}
     keys = sorted(r.data.tags["trial_key"] for r in search)
-    assert keys == sorted(f"seed={s},space={sp}" for s in (0, 1) for sp in ("dcpnas_3x3", "dcpnas_conv"))  # once each
+    assert keys == [f"seed=0,space={sp}" for sp in ("dcpnas_3x3", "dcpnas_conv")]  # once each
     for r in search:
         assert r.info.status == "FINISHED"
         names = {a.path for a in client.list_artifacts(r.info.run_id, "genotype")}
