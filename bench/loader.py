@@ -129,21 +129,19 @@ def main() -> None:
         convert(imagefolder(f"{tmp}/jpeg"), uri, Options(shard_bytes=32 * 10**6, progress=False))
         blobs = [p.read_bytes() for p, _ in files]
         folder = FolderDataset(files, transform)
+
+        def stream(t: TrainTransform, workers: int) -> ShardStream:
+            return ShardStream(uri, "train", batch_size=args.batch, transform=t, num_workers=workers)
+
         runs: dict[str, Callable[[], tuple[float, float]]] = {
             "a": lambda: decode_rate(blobs, transform),
             "a8": lambda: decode_rate(blobs, raw),
         }
         for w in (1, 2):
             runs[f"b{w}"] = lambda w=w: rate(DataLoader(folder, args.batch, shuffle=True, num_workers=w))
-            runs[f"c{w}"] = lambda w=w: rate(
-                ShardStream(uri, "train", batch_size=args.batch, transform=transform, num_workers=w)
-            )
-            runs[f"u{w}"] = lambda w=w: rate(
-                ShardStream(uri, "train", batch_size=args.batch, transform=raw, num_workers=w), finish
-            )
-            runs[f"r{w}"] = lambda w=w: rate(
-                ShardStream(uri, "train", batch_size=args.batch, transform=raw, num_workers=w)
-            )
+            runs[f"c{w}"] = lambda w=w: rate(stream(transform, w))
+            runs[f"u{w}"] = lambda w=w: rate(stream(raw, w), finish)
+            runs[f"r{w}"] = lambda w=w: rate(stream(raw, w))
         for run in runs.values():  # warm the page cache and the code paths
             run()
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}

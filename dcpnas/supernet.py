@@ -169,9 +169,7 @@ class SuperNet(nn.Module):
         norms = torch.zeros_like(self.alpha, dtype=torch.float64)
         for cell in self.cells:
             for e, edge in enumerate(cell.edges):
-                norms[int(cell.reduction), e] += torch.tensor(
-                    edge.weight_norms(), dtype=norms.dtype, device=norms.device
-                )
+                norms[int(cell.reduction), e] += norms.new_tensor(edge.weight_norms())
         return norms
 
 

@@ -99,12 +99,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     """Top-1 / top-5 over every held-out row; one all-reduce at the end (ranks may differ by one batch)."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in batches:
-        logits = model(x.to(device, next(model.parameters()).dtype)).float().cpu()
-        y = y.cpu()
+        logits = model(x.to(device, next(model.parameters()).dtype))
+        y = y.to(device)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.tensor([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), len(y)], dtype=torch.float64)
+        counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(), y.new_tensor(len(y))])
     model.train(was_training)
     counts = all_reduce_sum(counts)
     n = max(counts[2].item(), 1.0)

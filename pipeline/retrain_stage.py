@@ -47,7 +47,7 @@ from pipeline.eval_stage import (
     read_model,
     sha256_file,
 )
-from pipeline.resources import cluster_resources
+from pipeline.resources import cluster_resources, total
 
 STATE_FILE = "ddp_state.pt"  # the plain-DDP engine's optimizer + weights (DeepSpeed writes its own layout)
 DS_TAG = "state"  # not "latest": DeepSpeed writes a file of that name next to the tag directory
@@ -425,8 +425,7 @@ def worker_bundles(cfg: Config) -> list[dict[str, float]]:
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:
     """The retrain's workers must fit the cluster (Ray would wait for them forever)."""
     r = cfg.retrain
-    need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker}
-    for kind, amount in need.items():
+    for kind, amount in total(worker_bundles(cfg)).items():
         have = float(resources.get(kind, 0.0))
         if amount > have + 1e-9:
             raise UserError(

@@ -17,9 +17,7 @@ from typing import Any
 
 from pipeline.config import Config, SweepSection, add_config_arguments
 from pipeline.errors import UserError
-from pipeline.resources import cluster_resources
-
-EPS = 1e-9
+from pipeline.resources import EPS, cluster_resources, fits, total
 
 
 @dataclass(frozen=True)
@@ -64,15 +62,15 @@ def trial_bundles(s: SweepSection) -> list[dict[str, float]]:
     return [{"CPU": s.trial_cpus}] + [{"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker}] * s.workers
 
 
-def plan(cfg: Config, cluster_resources: dict[str, float]) -> Plan:
+def plan(cfg: Config, resources: dict[str, float]) -> Plan:
     """Trials and how many fit at once; ``UserError`` when a single trial can never be scheduled."""
     s = cfg.sweep
     trials = [Trial(seed, space) for seed in s.seeds for space in s.spaces]
-    cpus = s.trial_cpus + s.workers * s.cpus_per_worker
-    gpus = s.workers * s.gpus_per_worker
-    have_cpu = float(cluster_resources.get("CPU", 0))
-    have_gpu = float(cluster_resources.get("GPU", 0))
-    if cpus > have_cpu + EPS or gpus > have_gpu + EPS:
+    need = total(trial_bundles(s))
+    cpus, gpus = need["CPU"], need["GPU"]
+    have_cpu = float(resources.get("CPU", 0))
+    have_gpu = float(resources.get("GPU", 0))
+    if not fits(trial_bundles(s), resources):
         raise UserError(
             f"one sweep trial needs {cpus:g} CPUs ({s.trial_cpus:g} + {s.workers} workers × {s.cpus_per_worker:g}) "
             f"and {gpus:g} GPUs ({s.workers} × {s.gpus_per_worker:g}), but the cluster has {have_cpu:g} CPUs and "
