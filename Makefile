@@ -24,11 +24,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/dcpnas run
 
+# Two xdist workers (tests/conftest.py says what runs where). PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --durations=25
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 test-fast: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check dcpnas pipeline tests bench

@@ -84,30 +84,18 @@ def kill_run(proc: subprocess.Popen, marker: str) -> int:
 @pytest.mark.ray
 def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "run",
-        "--set",
+    sets = [
         f"output_dir={out}",
-        "--set",
         f"tracking.uri=sqlite:///{db}",
-        "--set",
         "search.epochs=2",
-        "--set",
         "search.warmup_epochs=1",
-        "--set",
         "data.weight_fraction=0.2",
-        "--set",
         "data.arch_fraction=0.2",
-        "--set",
         "retrain.epochs=2",
-        "--set",
         "retrain.teacher_epochs=1",
-        "--set",
         "sweep.seeds=[0]",  # 2 trials (one per space): a comparison, half the sweep time of the demo's 4
     ]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", *(arg for s in sets for arg in ("--set", s))]
     ray_tmp = Path(tempfile.mkdtemp(prefix="e2e", dir="/tmp"))  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
@@ -146,6 +134,8 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
 
     from mlflow.tracking import MlflowClient
 
+    from pipeline import tracking
+
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("demo")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -158,10 +148,17 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     assert {r.data.tags["mlflow.parentRunId"] for r in search} == {by_stage["sweep"][0].info.run_id}
     keys = sorted(r.data.tags["trial_key"] for r in search)
     assert keys == [f"seed=0,space={sp}" for sp in ("dcpnas_3x3", "dcpnas_conv")]  # once each
+    sweep = by_stage["sweep"][0]
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["split_sha256"]
+    ctx = tracking.prepare(f"sqlite:///{db}", "demo")
     for r in search:
-        assert r.info.status == "FINISHED"
+        assert r.info.status == "FINISHED" and r.data.tags["seed"] == "0" and "child/val_acc" in r.data.metrics
+        assert r.data.tags["genotype_hash"] == r.data.params["genotype.hash"]
+        genotype, run_id = tracking.find_genotype(ctx, r.info.run_id)  # what `dcpnas retrain --genotype RUN` reads
+        assert run_id == r.info.run_id and genotype.hash == r.data.tags["genotype_hash"]
+        assert genotype.space == r.data.tags["space"]
         names = {a.path for a in client.list_artifacts(r.info.run_id, "genotype")}
-        assert "genotype/genotype.json" in names
+        assert {"genotype/genotype.json", "genotype/alpha_history.png", "genotype/alphas.png"} <= names
         seed, space = (kv.split("=")[1] for kv in r.data.tags["trial_key"].split(","))
         if f"search-seed{seed}-{space}" in checkpointed:  # resumed from its checkpoint: no epoch run twice
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch")) == [0, 1]
@@ -176,5 +173,15 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     assert evaluated.data.metrics["num_examples"] == 364  # the digits test split: every held-out image once
     report = out / "demo" / "report"
     assert (report / "index.html").exists() and list(report.glob("*.png"))
-    sweep_id = by_stage["sweep"][0].info.run_id
-    assert "report/index.html" in {a.path for a in client.list_artifacts(sweep_id, "report")}
+    assert "report/index.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
+
+    # the finished sweep run once more: Tune restores the experiment, every trial is found in MLflow, nothing re-runs
+    from pipeline.config import load_config
+    from pipeline.sweep import run_sweep
+
+    again = run_sweep(load_config(None, sets))
+    assert sorted(r["run_id"] for r in again) == sorted(r.info.run_id for r in search)
+    assert {r["trial_key"]: r["genotype_hash"] for r in again} == {
+        r.data.tags["trial_key"]: r.data.tags["genotype_hash"] for r in search
+    }
+    assert len(client.search_runs([exp.experiment_id], max_results=1000)) == len(runs)

@@ -113,6 +113,7 @@ def test_rejects_loopback_127_0_0_1_and_unknown_auth(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.xdist_group("loopback-cluster")
 @pytest.mark.timeout(300)
 def test_two_node_cluster_tasks_auth_job_and_exact_stop(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient

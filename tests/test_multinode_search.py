@@ -19,7 +19,7 @@ import pytest
 from test_local_cluster import lc
 from test_search_stage import digits_shards, stage_config  # noqa: F401  (digits_shards is a fixture)
 
-pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("loopback-cluster")]
 ROOT = Path(__file__).resolve().parents[1]
 
 # The search's driver, run as its own process with the cluster's client env (token auth is read at start-up).

@@ -145,6 +145,7 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.xdist_group("loopback-cluster")
 @pytest.mark.timeout(900)
 def test_submit_the_real_job_to_a_token_auth_cluster_and_report_a_failed_one(short_tmp: Path) -> None:
     # The repository's ray_job.yaml as users submit it, with the demo config shrunk through --config/--set; MLflow and

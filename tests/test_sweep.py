@@ -1,8 +1,8 @@
-"""The sweep: plan arithmetic, the dry run, and a real Tune sweep (1 seed × 2 spaces) tracked in MLflow."""
+"""The sweep: plan arithmetic, the dry run, and a NaN on one rank. The real Tune sweep tracked in MLflow (killed,
+resumed, run again) is exercised end to end in ``test_driver.py``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -65,61 +65,6 @@ def test_dry_run_reports_an_impossible_trial(tmp_path, capsys) -> None:
     rc = main(["sweep", *sets, "--dry-run"])
     assert rc == 2
     assert "can never run" in capsys.readouterr().err
-
-
-TINY = [
-    "data.batch_size=32",
-    "data.weight_fraction=0.1",
-    "data.arch_fraction=0.1",
-    "search.init_channels=4",
-    "search.layers=3",
-    "search.epochs=1",  # 2 epochs with warmup 1: 257 s for the 4 trials on a loaded 2-core machine
-    "search.warmup_epochs=0",
-    "search.arch_lr=0.01",
-    "sweep.num_cpus=2",
-    "sweep.max_failures=0",
-]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sweep_logs_one_nested_run_per_trial_and_reruns_without_duplicates(tmp_path) -> None:
-    from pipeline import tracking
-    from pipeline.sweep import run_sweep
-
-    db = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    cfg = sweep_config(tmp_path, *TINY, "sweep.seeds=[0]", f"tracking.uri={db}", "name=sweeptest")
-    t0 = time.monotonic()
-    first = run_sweep(cfg)
-    took = time.monotonic() - t0
-    assert len(first) == 2, first
-    assert all(r["status"] == "FINISHED" and r["genotype_hash"] for r in first), first
-    print(f"2-trial sweep: {took:.1f} s")
-
-    ctx = tracking.prepare(db, "sweeptest")
-    parents = tracking._client(ctx.uri).search_runs([ctx.experiment_id], "tags.stage = 'sweep'")
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.data.tags["split_sha256"]
-    trials = tracking.search_trials(ctx, parent.info.run_id)
-    assert len(trials) == 2
-    assert {t["tags"]["trial_key"] for t in trials} == {r["trial_key"] for r in first}
-    for t in trials:
-        assert t["status"] == "FINISHED"
-        assert t["tags"]["genotype_hash"] == t["params"]["genotype.hash"]
-        assert t["tags"]["stage"] == "search" and t["tags"]["seed"] == "0"
-        assert "child/val_acc" in t["metrics"]
-        genotype, run_id = tracking.find_genotype(ctx, t["run_id"])
-        assert run_id == t["run_id"] and genotype.hash == t["tags"]["genotype_hash"]
-        assert genotype.space == t["tags"]["space"]
-        files = {f.path for f in tracking._client(ctx.uri).list_artifacts(t["run_id"], "genotype")}
-        assert {"genotype/genotype.json", "genotype/alpha_history.png", "genotype/alphas.png"} <= files
-
-    again = run_sweep(cfg)  # resumes the finished Tune experiment: same runs, nothing re-run
-    assert sorted(r["run_id"] for r in again) == sorted(t["run_id"] for t in trials)
-    assert [r["genotype_hash"] for r in again] == [r["genotype_hash"] for r in first]
-    assert len(tracking.search_trials(ctx, parent.info.run_id)) == 2
-    assert len(tracking._client(ctx.uri).search_runs([ctx.experiment_id], "")) == 3
 
 
 def _diverge_rank(rank: int, world: int, port: int, out: str) -> None:
