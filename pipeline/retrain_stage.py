@@ -47,7 +47,7 @@ from pipeline.eval_stage import (
     read_model,
     sha256_file,
 )
-from pipeline.resources import cluster_resources, total
+from pipeline.resources import EPS, cluster_resources, total
 
 STATE_FILE = "ddp_state.pt"  # the plain-DDP engine's optimizer + weights (DeepSpeed writes its own layout)
 DS_TAG = "state"  # not "latest": DeepSpeed writes a file of that name next to the tag directory
@@ -427,7 +427,7 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
     r = cfg.retrain
     for kind, amount in total(worker_bundles(cfg)).items():
         have = float(resources.get(kind, 0.0))
-        if amount > have + 1e-9:
+        if amount > have + EPS:
             raise UserError(
                 f"retrain needs {amount:g} {kind} ({r.workers} workers x {amount / r.workers:g}) but the cluster has "
                 f"{have:g}: lower retrain.workers / retrain.{kind.lower()}s_per_worker or use a larger cluster"

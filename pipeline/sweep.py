@@ -66,11 +66,12 @@ def plan(cfg: Config, resources: dict[str, float]) -> Plan:
     """Trials and how many fit at once; ``UserError`` when a single trial can never be scheduled."""
     s = cfg.sweep
     trials = [Trial(seed, space) for seed in s.seeds for space in s.spaces]
-    need = total(trial_bundles(s))
+    bundles = trial_bundles(s)
+    need = total(bundles)
     cpus, gpus = need["CPU"], need["GPU"]
     have_cpu = float(resources.get("CPU", 0))
     have_gpu = float(resources.get("GPU", 0))
-    if not fits(trial_bundles(s), resources):
+    if not fits(bundles, resources):
         raise UserError(
             f"one sweep trial needs {cpus:g} CPUs ({s.trial_cpus:g} + {s.workers} workers × {s.cpus_per_worker:g}) "
             f"and {gpus:g} GPUs ({s.workers} × {s.gpus_per_worker:g}), but the cluster has {have_cpu:g} CPUs and "

@@ -144,11 +144,10 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         by_stage.setdefault(r.data.tags.get("stage"), []).append(r)
     # nothing created twice or lost across the kill
     assert {stage: len(rs) for stage, rs in by_stage.items()} == {"sweep": 1, "search": 2, "retrain": 1, "eval": 1}
-    search = by_stage["search"]
-    assert {r.data.tags["mlflow.parentRunId"] for r in search} == {by_stage["sweep"][0].info.run_id}
+    (sweep,), search = by_stage["sweep"], by_stage["search"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in search} == {sweep.info.run_id}
     keys = sorted(r.data.tags["trial_key"] for r in search)
     assert keys == [f"seed=0,space={sp}" for sp in ("dcpnas_3x3", "dcpnas_conv")]  # once each
-    sweep = by_stage["sweep"][0]
     assert sweep.info.status == "FINISHED" and sweep.data.tags["split_sha256"]
     ctx = tracking.prepare(f"sqlite:///{db}", "demo")
     for r in search:
