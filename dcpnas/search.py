@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dcpnas.binary import REAL, Binarize, reconstruction_loss
 from dcpnas.checkpoint import check_same_config
-from dcpnas.decoupled import Backtracker
+from dcpnas.decoupled import PSI_RULES, Backtracker, backtrack_ratio
 from dcpnas.genotype import Genotype
 from dcpnas.losses import kl_to_teacher
 from dcpnas.ops import OpContext
@@ -62,6 +62,8 @@ class SearchConfig:
     backtrack: str = "large"  # back-track the ops whose weight norm ranks high (large) or low (small)
     psi_granularity: str = "edge"  # edge | op
     eta2: float = 1.0
+    psi_rule: str = "scaled"  # scaled: psi as a fraction of the arch step (docs/method.md) | spec: §6.4 literally
+    psi_init: float = 0.5  # scaled rule: initial psi~ (shift ~ psi_init x an Adam step); the spec rule starts at 0
     psi_lr: float | None = None  # None: the architecture learning rate
     # optimisers
     parent_lr: float = 0.1
@@ -87,6 +89,7 @@ class SearchConfig:
             "tangent": ("batch", "phase"),
             "backtrack": ("large", "small"),
             "psi_granularity": ("edge", "op"),
+            "psi_rule": PSI_RULES,
             "genotype_ranking": ("raw", "softmax"),
         }
         for name, allowed in choices.items():
@@ -97,6 +100,8 @@ class SearchConfig:
             raise ValueError(f"search.warmup_epochs: {self.warmup_epochs} must lie in [0, epochs={self.epochs}]")
         if self.lam < 0 or self.mu < 0:
             raise ValueError("search.lam and search.mu must be >= 0")
+        if self.psi_init < 0:
+            raise ValueError(f"search.psi_init: {self.psi_init} must be >= 0 (psi is projected to |psi|)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -198,6 +203,8 @@ class DCPNASSearch:
             granularity=cfg.psi_granularity,
             eta2=cfg.eta2,
             psi_lr=cfg.psi_lr,
+            rule=cfg.psi_rule,
+            psi_init=cfg.psi_init,
         )
         self.backtrack = {"parent": Backtracker(**bt).to(device, dtype), "child": Backtracker(**bt).to(device, dtype)}
         self.epoch, self.phase, self.step, self.global_step = 0, "parent", 0, 0
@@ -260,7 +267,9 @@ class DCPNASSearch:
         opt.step()
         alpha.grad = None
         if self.cfg.decoupled:
-            bt.project(alpha, alpha_old, norms(), lr)
+            vanilla = alpha.detach() - alpha_old
+            shift = bt.project(alpha, alpha_old, norms(), lr)
+            self._meter(f"{name}/backtrack_ratio", backtrack_ratio(shift, vanilla, bt.prev_mask).item())
 
     def parent_step(self, wb: Batch, ab: Batch) -> None:
         x, y = wb
