@@ -10,6 +10,11 @@ both over a fresh SQLite store. Reports the errors ``log_epoch`` raised (after t
 imported only MLflow and ``pipeline.tracking``, so 64 of them start in a second.
 
     .venv/bin/python bench/tracking_load.py [--writers 8 32 64] [--epochs 20] [--modes serving standalone]
+        [--journal wal|delete]
+
+``--journal delete`` undoes ``prepare``'s WAL mode (SQLite's default rollback journal); exporting
+``MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=5 MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=10`` gives ``serving`` MLflow's
+default pool (exported values win over its sizing): the two ablations of docs/benchmarks/tracking.md.
 """
 
 from __future__ import annotations
@@ -145,9 +150,12 @@ def standalone(backend_uri: str, artifacts: Path) -> Iterator[str]:
         proc.wait(60)
 
 
-def run_load(mode: str, writers: int, epochs: int, root: Path) -> Load:
+def run_load(mode: str, writers: int, epochs: int, root: Path, journal: str = "wal") -> Load:
     ctx = tracking.prepare(f"sqlite:///{root / mode / str(writers) / 'mlflow.db'}", "load")
     db = tracking.sqlite_path(ctx.uri)
+    with sqlite3.connect(db) as con:
+        con.execute(f"PRAGMA journal_mode={journal}")
+    con.close()
     server = tracking.serving(ctx, writers=writers) if mode == "serving" else None
     with server or standalone(ctx.uri, tracking.artifacts_dir(ctx.uri)) as served:
         served = served if isinstance(served, tracking.TrackingContext) else replace(ctx, uri=served)
@@ -170,14 +178,16 @@ def main() -> None:
     ap.add_argument("--writers", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--modes", nargs="+", default=["serving", "standalone"], choices=["serving", "standalone"])
+    ap.add_argument("--journal", default="wal", choices=["wal", "delete"])
     args = ap.parse_args()
-    print(json.dumps(machine()), flush=True)
+    pool = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_SQLALCHEMYSTORE_")}
+    print(json.dumps({**machine(), "journal": args.journal, **pool}), flush=True)
     print("| server | writers | epochs | errors | lost | duplicated | seconds | points/s |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
             for n in args.writers:
-                r = run_load(mode, n, args.epochs, Path(tmp))
+                r = run_load(mode, n, args.epochs, Path(tmp), args.journal)
                 print(
                     f"| {r.mode} | {r.writers} | {r.epochs} | {r.errors} | {r.lost} | {r.duplicates} "
                     f"| {r.seconds:.1f} | {r.points_per_s:.0f} |",

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 T = TypeVar("T")
 FIRST_WAIT_S = 1.0
 MAX_WAIT_S = 30.0
+POOL_TIMEOUT = "QueuePool limit"  # sqlalchemy.exc.TimeoutError: "QueuePool limit of size 5 overflow 10 reached"
 
 
 def display_uri(uri: str) -> str:
@@ -36,10 +37,13 @@ class TrackingUnavailable(RuntimeError):
 
 
 def is_transient(e: BaseException) -> bool:
-    """Worth retrying: HTTP 408, 429 or 5xx (the server's SQLAlchemy pool timeouts and "database is locked"
-    arrive as 500), and failed connections. Never bad requests or refused credentials (4xx)."""
+    """Worth retrying: HTTP 408, 429 or 5xx (SQLite's "database is locked" arrives as 503), failed connections,
+    and the server's SQLAlchemy pool timeout, which MLflow 3.17 reports as a 400 BAD_REQUEST (its session
+    wrapper maps every SQLAlchemyError but OperationalError to 400). Never other 4xx: bad requests, refused
+    credentials, missing runs fail at once."""
     if isinstance(e, MlflowException):
-        return e.get_http_status_code() in (408, 429) or e.get_http_status_code() >= 500
+        status = e.get_http_status_code()
+        return status in (408, 429) or status >= 500 or POOL_TIMEOUT in e.message
     return isinstance(e, requests.ConnectionError | requests.Timeout)
 
 

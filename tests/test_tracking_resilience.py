@@ -14,13 +14,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 from bench_scripts import load_bench
+from mlflow.exceptions import RestException
 from mlflow.tracking import MlflowClient
 
 import pipeline
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.retry import TrackingUnavailable
+from pipeline.retry import TrackingUnavailable, is_transient
 from pipeline.tracking_server import free_port
 
 load = load_bench("tracking_load")
@@ -56,6 +58,18 @@ def test_a_write_failing_past_the_bound_names_the_server_and_the_write(monkeypat
     assert "hunter2" not in message
     with pytest.raises(UserError, match=r"bot:\*\*\*@127\.0\.0\.1"):  # bad input fails at once, before compute
         tracking.prepare(ctx.uri, "x")
+
+
+def test_retried_errors_are_the_transient_ones() -> None:
+    def error(code: str, message: str = "x") -> RestException:  # as MLflow's client raises a server's answer
+        return RestException({"error_code": code, "message": message})
+
+    pool = "QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00"
+    transient = [error("BAD_REQUEST", pool), error("TEMPORARILY_UNAVAILABLE", "database is locked")]
+    transient += [error("INTERNAL_ERROR"), error("REQUEST_LIMIT_EXCEEDED"), requests.ConnectionError("refused")]
+    assert all(map(is_transient, transient))
+    final = ["BAD_REQUEST", "UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_DOES_NOT_EXIST"]
+    assert not any(is_transient(error(code)) for code in final)
 
 
 def _server_pid(port: int) -> int:
