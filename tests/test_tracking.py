@@ -262,7 +262,7 @@ def test_local_server_serialises_concurrent_writers(tmp_path: Path) -> None:
     from dcpnas.genotype import load_genotype
 
     fresh = tracking.prepare(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "embedded")
-    with tracking.serving(fresh) as served:
+    with tracking.serving(fresh, writers=WRITERS) as served:
         assert served.uri.startswith("http://127.0.0.1:") and served.experiment_id == fresh.experiment_id
         port = int(served.uri.rsplit(":", 1)[1])
         (server,) = [p for p in psutil.Process().children() if {"mlflow", "server"} <= set(p.cmdline())]
