@@ -146,11 +146,17 @@ class RetrainSection(BaseModel):
 
 
 class TrackingSection(BaseModel):
-    """MLflow: ``uri`` None → ``MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns/mlflow.db``; experiment → name."""
+    """MLflow: ``uri`` None → ``MLFLOW_TRACKING_URI`` or ``sqlite:///./mlruns/mlflow.db``; experiment → name.
+
+    ``retry_s``: how long a tracking write (epoch metrics, tags, artifacts, run open/finish) is retried
+    through server errors and restarts before it fails its trial (docs/tracking.md, "Transient failures").
+    Credentials are never config fields: MLflow reads ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``.
+    """
 
     model_config = STRICT
     uri: str | None = None
     experiment: str | None = None
+    retry_s: float = Field(300.0, ge=0)
 
 
 class Config(BaseModel):

@@ -56,7 +56,7 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
     from pipeline.retrain_stage import check_resources, num_classes, preflight, retrain_genotype, worker_bundles
     from pipeline.sweep import _ray_init
 
-    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     genotypes = []
     for rank, t in enumerate(chosen, 1):
         version = tracking.register_genotype(ctx, t["run_id"], f"{cfg.name}-genotypes", f"rank{rank}")
@@ -86,7 +86,8 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     from pipeline.sweep import run_sweep, search_data
 
     t0 = time.perf_counter()
-    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)  # unreachable URI: fail now
+    # unreachable URI: fail now
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     _check_ray_address()
     if cfg.retrain.genotype:  # a retrain-only config (e.g. imagenet-retrain-l.yaml)
         return {"trials": [], "retrains": [run_retrain(cfg, log=log)], "report": None}

@@ -169,7 +169,7 @@ def run_eval(cfg: Config, ref: str, log: Any = print) -> dict[str, Any]:
     from pipeline.retrain_stage import num_classes
     from pipeline.sweep import search_data
 
-    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     cfg = search_data(cfg, log)
     with tempfile.TemporaryDirectory() as tmp:
         content, run = resolve_model(ctx, ref, tmp)

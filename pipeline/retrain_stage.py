@@ -575,7 +575,8 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
     ref = ref or cfg.retrain.genotype
     if not ref:
         raise UserError("no genotype to retrain: pass --genotype REF or set retrain.genotype")
-    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)  # fails fast, before compute
+    # fails fast, before compute
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     genotype, search_run = tracking.find_genotype(ctx, ref)
     cfg = search_data(cfg, log)
     preflight(cfg, genotype, num_classes(cfg))

@@ -222,7 +222,8 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
     """Run or resume the whole sweep; returns one dict per trial (run id, status, genotype hash, metrics)."""
     from pipeline import tracking
 
-    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name)  # fails fast, before compute
+    # fails fast, before compute
+    ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     started = _ray_init(cfg)
     try:
         import ray
@@ -233,7 +234,7 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
         cfg = search_data(cfg, log)
         split_uri, split_sha = _save_split(cfg, log)
         storage = storage_path(cfg)
-        with tracking.serving(ctx) as served:
+        with tracking.serving(ctx, writers=p.max_concurrent) as served:
             sweep_tags = {"seeds": ",".join(map(str, cfg.sweep.seeds)), "spaces": ",".join(cfg.sweep.spaces)}
             sweep_tags["split_sha256"] = split_sha
             parent = tracking.start_sweep_run(served, "sweep", cfg.resolved(), sweep_tags)

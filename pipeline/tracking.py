@@ -22,21 +22,18 @@ import json
 import math
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
@@ -44,6 +41,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
+from pipeline.retry import display_uri, retrying
+from pipeline.tracking_server import enable_wal, local_server
 
 if TYPE_CHECKING:  # dcpnas (torch) is imported where needed: processes that only log start in a second
     from torch import Tensor
@@ -51,6 +50,7 @@ if TYPE_CHECKING:  # dcpnas (torch) is imported where needed: processes that onl
     from dcpnas.genotype import Genotype
     from dcpnas.spaces import SearchSpace
 
+T = TypeVar("T")
 REQUIRED_TRIAL_TAGS = ("stage", "space", "seed")
 RUN_KEY_TAG = "run_key"  # idempotency key: sha of what makes a run unique
 TRIAL_KEY_TAG = "trial_key"
@@ -61,6 +61,7 @@ GENOTYPE_PARAM_PREFIX = "genotype."
 GENOTYPE_HASH_PARAM = "genotype.hash"  # a param, so immutable: find_genotype checks the artifact against it
 CONFIG_ARTIFACT = "config/resolved.yaml"
 HEALTH_TIMEOUT_S = 3.0
+RETRY_S = 300.0  # default bound of retried writes (tracking.retry_s)
 REDACTED = "<redacted>"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _SECRET = re.compile(
@@ -77,6 +78,7 @@ class TrackingContext:
     experiment_id: str
     experiment_name: str
     artifact_location: str
+    retry_s: float = RETRY_S  # how long a write is retried before it fails (pipeline.retry)
 
 
 # ---- URIs and reachability ---------------------------------------------------------------------
@@ -92,14 +94,6 @@ def resolve_uri(uri: str | None) -> str:
             raise UserError(f"tracking URI {uri}: use a SQLite file (sqlite:///path/mlflow.db), not memory")
         return f"sqlite:///{Path(path).resolve()}" + (f"?{query}" if query else "")
     return uri
-
-
-def display_uri(uri: str) -> str:
-    """The URI without a password, for messages and logged values."""
-    parts = urlsplit(uri)
-    if not parts.password:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def sqlite_path(uri: str) -> Path:
@@ -145,12 +139,19 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _retried(ctx: TrackingContext, what: str, fn: Callable[[], T]) -> T:
+    """``fn`` (one idempotent unit of work) retried through server hiccups for ``ctx.retry_s``."""
+    return retrying(fn, what, ctx.uri, ctx.retry_s)
+
+
 # ---- experiment ----------------------------------------------------------------------------------
-def prepare(uri: str | None, experiment: str) -> TrackingContext:
+def prepare(uri: str | None, experiment: str, retry_s: float = RETRY_S) -> TrackingContext:
     """Check the store, create schema and experiment once, and return the context for all writers.
 
-    Called by the driver before any compute, so a bad URI fails in seconds. On SQLite the schema
-    creation runs under a file lock: several processes creating it at once crash (stack-notes §6.2).
+    Called by the driver before any compute, so a bad URI or wrong credentials fail in seconds (not
+    retried). On SQLite the schema creation runs under a file lock: several processes creating it at
+    once crash (stack-notes §6.2); the file is put in WAL mode there. ``retry_s`` bounds the retries
+    of every later write through the context.
     """
     uri = resolve_uri(uri)
     scheme = urlsplit(uri).scheme
@@ -161,10 +162,12 @@ def prepare(uri: str | None, experiment: str) -> TrackingContext:
     if scheme == "sqlite":
         db = _check_sqlite(uri)
         with FileLock(f"{db}.lock", timeout=300):
-            return _experiment(uri, experiment, (artifacts_dir(uri) / slug(experiment)).as_uri())
+            ctx = _experiment(uri, experiment, (artifacts_dir(uri) / slug(experiment)).as_uri())
+            enable_wal(db)
+            return replace(ctx, retry_s=retry_s)
     if scheme in ("http", "https"):
         _check_health(uri)
-    return _experiment(uri, experiment, None)
+    return replace(_experiment(uri, experiment, None), retry_s=retry_s)
 
 
 def slug(name: str) -> str:
@@ -285,11 +288,15 @@ def start_sweep_run(
     chash = config_hash(dict(config))
     key = _key("sweep", ctx.experiment_id, name, chash)
     all_tags = {"stage": "sweep", "git_sha": git_sha(), **(tags or {}), "config_hash": chash, RUN_KEY_TAG: key}
-    run_id = _open_run(client, ctx.experiment_id, key, name, all_tags)
     clean = _scrub(config)
-    _log_batch(client, run_id, params=[Param(k, v) for k, v in _flatten(clean).items()])
-    client.log_dict(run_id, {**clean, "config_hash": chash}, CONFIG_ARTIFACT)
-    return run_id
+
+    def open_and_log() -> str:
+        run_id = _open_run(client, ctx.experiment_id, key, name, all_tags)
+        _log_batch(client, run_id, params=[Param(k, v) for k, v in _flatten(clean).items()])
+        client.log_dict(run_id, {**clean, "config_hash": chash}, CONFIG_ARTIFACT)
+        return run_id
+
+    return _retried(ctx, f"opening sweep run '{name}'", open_and_log)
 
 
 def start_trial_run(ctx: TrackingContext, parent_run_id: str, trial_key: str, tags: Mapping[str, Any]) -> str:
@@ -303,16 +310,20 @@ def start_trial_run(ctx: TrackingContext, parent_run_id: str, trial_key: str, ta
     if missing:
         raise ValueError(f"trial run '{trial_key}' needs tag(s) {', '.join(missing)}")
     client = _client(ctx.uri)
-    parent = client.get_run(parent_run_id)
-    inherited = {k: parent.data.tags[k] for k in ("config_hash", "git_sha") if k in parent.data.tags}
     key = _key("trial", parent_run_id, trial_key)
-    all_tags = {**inherited, **tags, TRIAL_KEY_TAG: trial_key, PARENT_TAG: parent_run_id, RUN_KEY_TAG: key}
-    return _open_run(client, parent.info.experiment_id, key, trial_key, all_tags)
+
+    def open_run() -> str:  # search + create as one unit: a retry finds the run a failed attempt created
+        parent = client.get_run(parent_run_id)
+        inherited = {k: parent.data.tags[k] for k in ("config_hash", "git_sha") if k in parent.data.tags}
+        all_tags = {**inherited, **tags, TRIAL_KEY_TAG: trial_key, PARENT_TAG: parent_run_id, RUN_KEY_TAG: key}
+        return _open_run(client, parent.info.experiment_id, key, trial_key, all_tags)
+
+    return _retried(ctx, f"opening trial run '{trial_key}'", open_run)
 
 
 def log_epoch(ctx: TrackingContext, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
     """One request per epoch: numbers (NaN included) become metrics at ``step``, strings tags."""
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000)  # fixed before any retry: a resent metric is the same row, not a second one
     values, tags = [], []
     for k, v in metrics.items():
         if isinstance(v, str):
@@ -322,14 +333,16 @@ def log_epoch(ctx: TrackingContext, run_id: str, metrics: Mapping[str, Any], ste
             values.append(Metric(k, float(v), now, step))
         except (TypeError, ValueError):
             raise TypeError(f"metric '{k}' must be a number or a string, got {type(v).__name__}") from None
-    _log_batch(_client(ctx.uri), run_id, metrics=values, tags=tags)
+    client = _client(ctx.uri)
+    _retried(ctx, f"epoch {step} of run {run_id}", lambda: _log_batch(client, run_id, metrics=values, tags=tags))
 
 
 def logged_steps(ctx: TrackingContext, run_id: str, key: str) -> set[int]:
     """Steps at which ``key`` was already logged. A worker that restarts from a checkpoint older than its
     last logged epoch (killed between logging and the checkpoint's commit) re-runs that epoch; it skips
     logging it again, so each epoch appears once in the run's history."""
-    return {m.step for m in _client(ctx.uri).get_metric_history(run_id, key)}
+    history = _retried(ctx, f"reading {key} of run {run_id}", lambda: _client(ctx.uri).get_metric_history(run_id, key))
+    return {m.step for m in history}
 
 
 def finish_run(ctx: TrackingContext, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
@@ -337,9 +350,13 @@ def finish_run(ctx: TrackingContext, run_id: str, status: str = "FINISHED", reas
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise ValueError(f"run status must be FINISHED, FAILED or KILLED, not '{status}'")
     client = _client(ctx.uri)
-    if reason:
-        client.set_tag(run_id, FAILURE_TAG, reason)
-    client.set_terminated(run_id, status)
+
+    def finish() -> None:
+        if reason:
+            client.set_tag(run_id, FAILURE_TAG, reason)
+        client.set_terminated(run_id, status)
+
+    _retried(ctx, f"ending run {run_id} as {status}", finish)
 
 
 def search_trials(ctx: TrackingContext, parent_run_id: str) -> list[dict[str, Any]]:
@@ -347,20 +364,24 @@ def search_trials(ctx: TrackingContext, parent_run_id: str) -> list[dict[str, An
     and reports: ``run_id``, ``name``, ``status``, ``start_time``, ``end_time``, ``artifact_uri``,
     ``tags`` (without ``mlflow.*``), ``params``, ``metrics`` (latest value of each)."""
     client = _client(ctx.uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    out, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1000,
-            page_token=token,
-        )
-        out += [_as_dict(r) for r in page]
-        token = page.token
-        if not token:
-            return out
+
+    def search() -> list[dict[str, Any]]:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        out, token = [], None
+        while True:
+            page = client.search_runs(
+                [experiment_id],
+                f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+            out += [_as_dict(r) for r in page]
+            token = page.token
+            if not token:
+                return out
+
+    return _retried(ctx, f"reading the trials of run {parent_run_id}", search)
 
 
 def _as_dict(r: Any) -> dict[str, Any]:
@@ -379,13 +400,13 @@ def _as_dict(r: Any) -> dict[str, Any]:
 
 def get_run(ctx: TrackingContext, run_id: str) -> dict[str, Any]:
     """One run as the plain dict of :func:`search_trials`."""
-    return _as_dict(_client(ctx.uri).get_run(run_id))
+    return _as_dict(_retried(ctx, f"reading run {run_id}", lambda: _client(ctx.uri).get_run(run_id)))
 
 
 def log_params(ctx: TrackingContext, run_id: str, params: Mapping[str, Any], prefix: str = "") -> None:
     """Log a (nested) mapping as flat params, secrets redacted; re-logging equal values is a no-op."""
-    flat = _flatten(_scrub(params), prefix)
-    _log_batch(_client(ctx.uri), run_id, params=[Param(k, v) for k, v in flat.items()])
+    batch = [Param(k, v) for k, v in _flatten(_scrub(params), prefix).items()]
+    _retried(ctx, f"params of run {run_id}", lambda: _log_batch(_client(ctx.uri), run_id, params=batch))
 
 
 def download_artifact(ctx: TrackingContext, run_id: str, path: str, dest: str | Path) -> Path:
@@ -415,20 +436,27 @@ def log_genotype(
     genotype.validate()
     client = _client(ctx.uri)
     h = genotype.hash
-    logged = client.get_run(run_id).data.params.get(GENOTYPE_HASH_PARAM)
+    logged = get_run(ctx, run_id)["params"].get(GENOTYPE_HASH_PARAM)
     if logged not in (None, h):
         raise ValueError(f"run {run_id} already holds genotype {logged[:12]}; log genotype {h[:12]} in a new run")
+    params = {f"{GENOTYPE_PARAM_PREFIX}{k}": v for k, v in genotype.flat().items()} | {GENOTYPE_HASH_PARAM: h}
     with tempfile.TemporaryDirectory() as tmp:
         save_genotype_artifacts(genotype, tmp, alpha, alpha_history, space)
-        client.log_artifacts(run_id, tmp, GENOTYPE_DIR)
-    params = {f"{GENOTYPE_PARAM_PREFIX}{k}": v for k, v in genotype.flat().items()} | {GENOTYPE_HASH_PARAM: h}
-    _log_batch(client, run_id, params=[Param(k, v) for k, v in params.items()], tags=[RunTag("genotype_hash", h)])
+
+        def log() -> None:
+            client.log_artifacts(run_id, tmp, GENOTYPE_DIR)
+            batch = [Param(k, v) for k, v in params.items()]
+            _log_batch(client, run_id, params=batch, tags=[RunTag("genotype_hash", h)])
+
+        _retried(ctx, f"genotype of run {run_id}", log)
     return h
 
 
 def log_artifact(ctx: TrackingContext, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Attach a local file (e.g. the search split) to a run."""
-    _client(ctx.uri).log_artifact(run_id, str(path), artifact_path)
+    _retried(
+        ctx, f"artifact {path} of run {run_id}", lambda: _client(ctx.uri).log_artifact(run_id, str(path), artifact_path)
+    )
 
 
 def register_genotype(ctx: TrackingContext, run_id: str, name: str, alias: str) -> str:
@@ -501,85 +529,16 @@ def find_genotype(ctx: TrackingContext, ref: str) -> tuple[Genotype, str | None]
     return genotype, run_id
 
 
-# ---- one writer ------------------------------------------------------------------------------------
-def _free_port(host: str, port: int) -> int:
-    """``port`` if nothing listens there (0: any free one), so /health cannot answer from another server."""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UserError(f"cannot serve MLflow on {host}:{port}: {e.strerror}") from None
-        return s.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the server's process group, wait until every member is gone, SIGKILL after ``grace_s``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the group leader, else it lingers as a zombie member
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
-def _wait_healthy(proc: subprocess.Popen, uri: str, timeout_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return
-        except (OSError, http.client.HTTPException):
-            if time.monotonic() > deadline:
-                raise UserError(f"mlflow server at {uri} not healthy after {timeout_s:.0f} s; see {log_path}") from None
-            time.sleep(0.25)
-    raise UserError(f"mlflow server at {uri} exited with code {proc.returncode}; see {log_path}")
-
-
 @contextmanager
-def local_server(
-    backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 120.0
-) -> Iterator[str]:
-    """Run ``mlflow server --workers 1`` over ``backend_uri`` and yield its http URI.
-
-    Binds ``host`` (loopback by default: the server has no authentication). The server runs in its
-    own process group, which is stopped and waited for on exit (teardown takes seconds). Its log is
-    ``mlflow-server.log`` next to ``artifacts_dir``.
-    """
-    artifacts = Path(artifacts_dir).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    port = _free_port(host, port)
-    uri = f"http://{host}:{port}"
-    log_path = artifacts.parent / "mlflow-server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
-    cmd += ["--artifacts-destination", str(artifacts), "--host", host, "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: 2 fewer processes
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        _wait_healthy(proc, uri, timeout_s, log_path)
-        yield uri
-    finally:
-        _stop_group(proc)
-
-
-@contextmanager
-def serving(ctx: TrackingContext) -> Iterator[TrackingContext]:
+def serving(ctx: TrackingContext, writers: int = 8) -> Iterator[TrackingContext]:
     """The context to hand to trial processes while they run.
 
-    Over SQLite a local server becomes the store's single writer (and the live UI); a server URI
-    is used as is. Use the yielded context in the driver too while it is open.
+    Over SQLite a local server becomes the store's single writer (and the live UI), sized for
+    ``writers`` concurrent trials; a server URI is used as is. Use the yielded context in the driver
+    too while it is open.
     """
     if urlsplit(ctx.uri).scheme != "sqlite":
         yield ctx
         return
-    with local_server(ctx.uri, artifacts_dir(ctx.uri)) as uri:
+    with local_server(ctx.uri, artifacts_dir(ctx.uri), writers=writers) as uri:
         yield replace(ctx, uri=uri)

@@ -210,7 +210,7 @@ def test_manifests_reference_secrets_and_hold_no_values() -> None:
     assert [s for p in k8s for s in literal_secrets_k8s(p)] == []
     assert literal_secrets_compose(CLUSTER / "mlflow" / "docker-compose.yaml") == []
     refs = [m["secretKeyRef"]["name"] for m in walk(docs(CLUSTER / "mlflow" / "k8s.yaml")) if "secretKeyRef" in m]
-    assert set(refs) == {"mlflow-db", "mlflow-s3"}
+    assert set(refs) == {"mlflow-db", "mlflow-s3", "mlflow-auth"}
     for path in [*YAML_FILES, *JSON_FILES, CLUSTER / "Dockerfile"]:
         assert not re.search(r"AKIA[0-9A-Z]{16}|BEGIN [A-Z ]*PRIVATE KEY", path.read_text()), path
 
@@ -236,6 +236,20 @@ def test_mlflow_server_uses_postgres_and_an_object_store() -> None:
     assert any(a.startswith("--artifacts-destination=s3://") for a in mlflow["command"])
     env = {e["name"]: e for e in mlflow["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://$(DB_USER):$(DB_PASSWORD)@")
+    assert "--app-name=basic-auth" in mlflow["command"] and env["MLFLOW_DISABLE_TELEMETRY"]["value"] == "true"
+    workers = int(next(a for a in mlflow["command"] if a.startswith("--workers=")).split("=")[1])
+    per_worker = int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]["value"]) + int(
+        env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"]["value"]
+    )
+    postgres = next(c for c in containers if c["name"] == "postgres")
+    assert workers * per_worker < int(postgres["args"][1].removeprefix("max_connections="))  # pools fit Postgres
+    ray_pods = [c for m in walk(docs(CLUSTER / "kuberay" / "raycluster.yaml")) for c in m.get("containers", [])]
+    for c in ray_pods:  # the pipeline reads MLflow's own variables, from the server's Secret
+        creds = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+        assert creds == {
+            "MLFLOW_TRACKING_USERNAME": {"name": "mlflow-auth", "key": "username"},
+            "MLFLOW_TRACKING_PASSWORD": {"name": "mlflow-auth", "key": "password"},
+        }
     compose = yaml.safe_load((CLUSTER / "mlflow" / "docker-compose.yaml").read_text())["services"]
     assert compose["mlflow"]["ports"] == ["${MLFLOW_BIND:-127.0.0.1}:5000:5000"]  # loopback unless configured
     assert "ports" not in compose["postgres"]
