@@ -85,7 +85,8 @@ def trial_bundles(s: SweepSection) -> list[dict[str, float]]:
 def plan(cfg: Config, resources: dict[str, float]) -> Plan:
     """Trials and how many fit at once; ``UserError`` when a single trial can never be scheduled."""
     s = cfg.sweep
-    trials = [Trial.of(seed, space, o) for seed in s.seeds for space in s.spaces for o in override_sets(cfg)]
+    sets = override_sets(cfg)
+    trials = [Trial.of(seed, space, o) for seed in s.seeds for space in s.spaces for o in sets]
     bundles = trial_bundles(s)
     need = total(bundles)
     cpus, gpus = need["CPU"], need["GPU"]
@@ -198,9 +199,11 @@ def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
     tags = {"stage": "search", "space": trial.space, "seed": trial.seed, "split_sha256": run["split_sha256"]}
     tags.update(trial.tags)
     run_id = tracking.start_trial_run(ctx, parent, trial.key, tags)
+    searched = trial_config(cfg, trial)
+    tracking.log_params(ctx, run_id, searched.search.model_dump(mode="json"), prefix="search.")  # overrides applied
     s = cfg.sweep
     result = fit_search(
-        trial_config(cfg, trial),
+        searched,
         run["split_uri"],
         run["storage_path"],
         trial.train_name,
