@@ -66,7 +66,7 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
         preflight(cfg, genotype, num_classes(cfg))  # bad input stops here, before Ray starts
         genotypes.append(genotype)
     randoms = sample_baselines(cfg, genotypes, num_classes(cfg)) if cfg.retrain.random_baselines else []
-    for g in randoms:
+    for g in randoms:  # drawn and checked before Ray starts, like the searched ones
         preflight(cfg, g, num_classes(cfg))
     started = _ray_init(cfg)
     try:
