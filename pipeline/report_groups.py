@@ -69,10 +69,10 @@ class Comparison:
             return f"searched − random: {NOT_RUN} (needs a finished retrain in each series)"
         pm = "± ?" if self.spread is None else f"± {100 * self.spread:.2f}"
         out = f"searched − random = {100 * self.diff:+.2f} {pm} pts top-1 (n={self.searched.n} vs {self.random.n})"
-        if self.spread:
-            beyond = abs(self.diff) > 2 * self.spread
-            out += f": {'more' if beyond else 'less'} than twice its standard error"
-        return out
+        if min(self.searched.n, self.random.n) < 2:
+            return out + ": a series of one run, too few to judge"
+        beyond = abs(self.diff) > 2 * self.spread
+        return out + f": {'more' if beyond else 'less'} than twice its standard error"
 
 
 def compare(searched: Sequence[float], random: Sequence[float]) -> Comparison:

@@ -94,6 +94,7 @@ def test_searched_and_random_series_side_by_side_with_the_difference(built: dict
 def test_the_spread_of_a_single_run_series_borrows_the_other_variance() -> None:
     c = compare([0.9], [0.8, 0.84])
     assert c.spread == pytest.approx(math.sqrt(statistics.variance([0.8, 0.84]) * (1 + 1 / 2)))
-    assert c.sentence().startswith("searched − random = +8.00 ± ")
-    assert compare([0.9], [0.8]).sentence() == "searched − random = +10.00 ± ? pts top-1 (n=1 vs 1)"
+    judged = ": a series of one run, too few to judge"
+    assert c.sentence() == f"searched − random = +8.00 ± {100 * c.spread:.2f} pts top-1 (n=1 vs 2){judged}"
+    assert compare([0.9], [0.8]).sentence().startswith("searched − random = +10.00 ± ? pts top-1 (n=1 vs 1): ")
     assert "not run" in compare([], [0.8]).sentence()
