@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.random_baselines import ORIGIN_TAG
 from pipeline.report import SEARCH_COLUMNS, Retrain, Stat, Trial, retrains_under
 from pipeline.report_html import NOT_RUN, esc, fmt_stat, img, row, save_figure, table, td
 
@@ -96,7 +97,7 @@ def random_retrains(ctx: Any, sweep: Any) -> list[Retrain]:
     client = MlflowClient(tracking_uri=ctx.uri)
     now_ms = int(time.time() * 1000)
     found = retrains_under(ctx, client, sweep.info.run_id, dict(sweep.data.params), now_ms)
-    return [r for r in found if r.run["tags"].get("origin") == RANDOM]
+    return [r for r in found if r.run["tags"].get(ORIGIN_TAG) == RANDOM]
 
 
 def _points(retrains: Sequence[Retrain]) -> list[tuple[float, float]]:
