@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
@@ -83,6 +84,10 @@ class SweepSection(BaseModel):
     max_failures: int = Field(2, ge=0)  # restarts of a failed trial (Tune) and of its workers (Train)
     storage_path: str | None = None  # Ray results/checkpoints; default <output_dir>/<name>/ray
     num_cpus: float | None = Field(None, gt=0)  # local Ray only (no RAY_ADDRESS); default: the machine's
+    # Override axes (docs/search.md): trials = seeds x spaces x (grid product x variants), each a dict of
+    # dotted search.* keys -> values; an empty grid or variants list contributes one empty override set.
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    variants: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RetrainSection(BaseModel):
@@ -126,6 +131,10 @@ class RetrainSection(BaseModel):
     max_failures: int = Field(2, ge=0)
     top_k: int = Field(1, ge=0)  # genotypes a sweep sends on to retraining (0: none)
     seed: int = 0
+    # Random-genotype control (docs/retrain.md): k uniform genotypes per retrained space, same recipe.
+    random_baselines: int = Field(0, ge=0)
+    random_ops_tolerance: float | None = Field(None, gt=0)  # |OPs / searched OPs - 1| bound; None: any OPs
+    random_seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> RetrainSection:
@@ -192,15 +201,21 @@ class Config(BaseModel):
         return Path(self.output_dir) / self.name
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any, origin: str = "--set") -> None:
     node = tree
     *parents, leaf = dotted.split(".")
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {dotted}: '{key}' is a value, not a section")
+            raise UserError(f"{origin} {dotted}: '{key}' is a value, not a section")
         node = child
     node[leaf] = value
+
+
+def _get_path(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -240,12 +255,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise UserError(f"config {path} must be a mapping of sections")
     for item in overrides or []:
         _set_path(tree, *parse_override(item))
+    cfg = _validate(tree, f"'{path}'")
+    override_sets(cfg)  # every sweep trial's config is valid, or the error names its key now
+    return cfg
+
+
+def _validate(tree: dict[str, Any], origin: str) -> Config:
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        raise UserError(_format_errors(e, f"'{path}'")) from None
-    cfg.search_config()  # cross-field checks of the method
+        raise UserError(_format_errors(e, origin)) from None
+    try:
+        cfg.search_config()  # cross-field checks of the method
+    except UserError as e:
+        raise UserError(f"{e} ({origin})") from None
     return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], origin: str = "override") -> Config:
+    """``cfg`` with dotted ``key: value`` overrides applied and validated like ``--set`` (errors name the key)."""
+    tree = cfg.resolved()
+    for key, value in overrides.items():
+        _set_path(tree, key, value, origin)
+    return _validate(tree, f"{origin} {overrides}")
+
+
+def override_sets(cfg: Config) -> list[dict[str, Any]]:
+    """The sweep's override sets (grid product x variants, a variant's value winning over the grid's),
+    validated and canonical: values as the config holds them (``lam: 0`` -> 0.0), duplicates dropped."""
+    s = cfg.sweep
+    for key in [*s.grid, *(k for v in s.variants for k in v)]:
+        if key in ("search.seed", "search.space"):
+            raise UserError(f"sweep override '{key}': seeds and spaces are the sweep.seeds / sweep.spaces axes")
+        if not key.startswith("search."):
+            raise UserError(
+                f"sweep override '{key}': only search.* keys vary per trial (all trials share the data split and "
+                "the retrain recipe); set it in the config itself"
+            )
+    for key, values in s.grid.items():
+        if not values:
+            raise UserError(f"sweep.grid.{key}: give at least one value")
+    base = cfg.model_copy(update={"sweep": s.model_copy(update={"grid": {}, "variants": []})})
+    out: list[dict[str, Any]] = []
+    for combo in itertools.product(*s.grid.values()):
+        for variant in s.variants or [{}]:
+            wanted = {**dict(zip(s.grid, combo)), **variant}
+            tree = apply_overrides(base, wanted, "sweep override").resolved()
+            canonical = {k: _get_path(tree, k) for k in sorted(wanted)}
+            if canonical not in out:
+                out.append(canonical)
+    return out
 
 
 def save_resolved(cfg: Config, directory: Path) -> Path:

@@ -50,8 +50,9 @@ def _check_ray_address() -> None:
 
 
 def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> list[dict[str, Any]]:
-    """Register the chosen genotypes and retrain each under its search run."""
+    """Register the chosen genotypes and retrain each under its search run, then the random baselines."""
     from pipeline import tracking
+    from pipeline.random_baselines import ORIGIN_TAG, retrain_baselines, sample_baselines
     from pipeline.resources import cluster_resources
     from pipeline.retrain_stage import check_resources, num_classes, preflight, retrain_genotype, worker_bundles
     from pipeline.sweep import _ray_init
@@ -64,13 +65,20 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
         genotype, _ = tracking.find_genotype(ctx, t["run_id"])
         preflight(cfg, genotype, num_classes(cfg))  # bad input stops here, before Ray starts
         genotypes.append(genotype)
+    randoms = sample_baselines(cfg, genotypes, num_classes(cfg)) if cfg.retrain.random_baselines else []
+    for g in randoms:  # drawn and checked before Ray starts, like the searched ones
+        preflight(cfg, g, num_classes(cfg))
     started = _ray_init(cfg)
     try:
         check_resources(cfg, cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log))
         out = []
         with tracking.serving(ctx) as served:
             for t, genotype in zip(chosen, genotypes):
-                out.append(retrain_genotype(cfg, served, genotype, t["run_id"], {"seed": t["seed"]}, log))
+                tags = {"seed": t["seed"], ORIGIN_TAG: "search"}
+                out.append({**retrain_genotype(cfg, served, genotype, t["run_id"], tags, log), ORIGIN_TAG: "search"})
+            if randoms:
+                log(f"random baselines: {', '.join(g.hash[:12] for g in randoms)} (seed {cfg.retrain.random_seed})")
+                out += retrain_baselines(cfg, served, randoms, chosen[0]["sweep_run_id"], log)
         return out
     finally:
         if started:
@@ -82,6 +90,7 @@ def retrain_selected(cfg: Config, chosen: list[dict[str, Any]], log: Any) -> lis
 def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     """The whole pipeline for ``cfg``; returns the trials, the retrains and the report's path."""
     from pipeline import report, tracking
+    from pipeline.random_baselines import check_capacity
     from pipeline.retrain_stage import run_retrain
     from pipeline.sweep import run_sweep, search_data
 
@@ -89,6 +98,7 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     # unreachable URI: fail now
     ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
     _check_ray_address()
+    check_capacity(cfg)  # too many random baselines for a space: say so before the sweep
     if cfg.retrain.genotype:  # a retrain-only config (e.g. imagenet-retrain-l.yaml)
         return {"trials": [], "retrains": [run_retrain(cfg, log=log)], "report": None}
     trials = run_sweep(cfg, log)

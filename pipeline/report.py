@@ -10,7 +10,6 @@ be rebuilt at any time; stages that have not run render as "not run". See docs/r
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import os
@@ -22,9 +21,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from pipeline.errors import UserError
+from pipeline.report_html import NOT_RUN
+from pipeline.report_html import esc as _e
+from pipeline.report_html import fmt as _fmt
+from pipeline.report_html import fmt_stat as _fmt_stat
+from pipeline.report_html import hours as _hours
+from pipeline.report_html import img as _img
+from pipeline.report_html import na as _na
+from pipeline.report_html import row as _row
+from pipeline.report_html import save_figure as _save
+from pipeline.report_html import table as _table
+from pipeline.report_html import td as _td
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -32,7 +42,6 @@ if TYPE_CHECKING:
     from pipeline.tracking import TrackingContext
 
 REPORT_ARTIFACT_DIR = "report"
-NOT_RUN = "not run"
 SEARCH_COLUMNS = (
     ("child/val_acc", "child val acc"),
     ("parent/val_acc", "parent val acc"),
@@ -204,7 +213,7 @@ def _children(ctx: TrackingContext, run_id: str, stage: str) -> list[dict[str, A
     return [r for r in tracking.search_trials(ctx, run_id) if r["tags"].get("stage") == stage]
 
 
-def _retrains(
+def retrains_under(
     ctx: TrackingContext, client: MlflowClient, search_run_id: str, sweep_params: Mapping[str, str], now_ms: int
 ) -> list[Retrain]:
     out = []
@@ -268,7 +277,7 @@ def collect(ctx: TrackingContext, sweep_run_id: str) -> tuple[Any, list[Trial]]:
     for run in _children(ctx, sweep_run_id, "search"):
         history = _history(client, run["run_id"], (*SEARCH_CURVES, "epoch_seconds"))
         cost = run_cost(run, {**params, **run["params"]}, RESOURCE_PREFIXES["search"], now_ms)
-        trials.append(Trial(run, history, cost, _retrains(ctx, client, run["run_id"], params, now_ms)))
+        trials.append(Trial(run, history, cost, retrains_under(ctx, client, run["run_id"], params, now_ms)))
     return sweep, sorted(trials, key=lambda t: (t.space, _seed_order(t.seed)))
 
 
@@ -357,14 +366,6 @@ def _colors(spaces: Iterable[str]) -> dict[str, str]:
     return {s: cmap(i % 10) for i, s in enumerate(sorted(set(spaces)))}
 
 
-def _save(fig: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path.name
-
-
 def _plot_curves(series: Sequence[tuple[str, Any, str, Mapping]], keys: Sequence[str], path: Path) -> str | None:
     """One panel per metric in ``keys`` that some run logged; a line per ``(label, color, style, history)``."""
     import matplotlib
@@ -436,52 +437,6 @@ figure { display: inline-block; margin: 0.4em; vertical-align: top; }
 figure img { max-width: 440px; border: 1px solid #ddd; } img.wide { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #444; } code { background: #f3f3f3; padding: 0 0.2em; }
 """
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _img(rel: str, alt: str, cls: str = "") -> str:
-    css = f' class="{cls}"' if cls else ""
-    return f'<img src="{_e(quote(rel))}" alt="{_e(alt)}"{css}>'
-
-
-def _fmt(x: float | None, like: float | None = None) -> str:
-    """4 significant digits; M/G suffixes for counts (scaled like ``like``, so mean and std agree)."""
-    if x is None or not math.isfinite(x):
-        return "–"
-    ref = abs(x if like is None else like)
-    scale, unit = next(((s, u) for s, u in ((1e9, "G"), (1e6, "M")) if ref >= s), (1.0, ""))
-    return f"{x / scale:.4g}{unit}"
-
-
-def _fmt_stat(s: Stat | None) -> str:
-    if s is None:
-        return "–"
-    return _fmt(s.mean) if s.std is None else f"{_fmt(s.mean)} ± {_fmt(s.std, like=s.mean)}"
-
-
-def _hours(x: float | None, missing: str = "unknown") -> str:
-    return missing if x is None else f"{x:.3g}"
-
-
-def _na(colspan: int = 1, text: str = NOT_RUN) -> str:
-    span = f' colspan="{colspan}"' if colspan > 1 else ""
-    return f'<td class="na"{span}>{_e(text)}</td>'
-
-
-def _row(cells: Iterable[str], attrs: str = "") -> str:
-    return f"<tr{attrs}>{''.join(cells)}</tr>"
-
-
-def _td(value: Any, cls: str = "") -> str:
-    return f'<td class="{cls}">{_e(value)}</td>' if cls else f"<td>{_e(value)}</td>"
-
-
-def _table(header: Sequence[str], rows: Sequence[str], left: int = 1) -> str:
-    ths = "".join(f'<th class="l">{_e(h)}</th>' if i < left else f"<th>{_e(h)}</th>" for i, h in enumerate(header))
-    return f"<table><tr>{ths}</tr>{''.join(rows)}</table>"
 
 
 def _search_table(summary: Mapping[str, Any]) -> str:
@@ -592,6 +547,7 @@ def render_html(
     trials: Sequence[Trial],
     summary: Mapping[str, Any],
     plots: Mapping[str, str | None],
+    extra: Sequence[str] = (),
 ) -> str:
     """The page; every value is escaped and every image is a relative path inside the report directory."""
 
@@ -633,6 +589,7 @@ def render_html(
         "reserved. The runs tables say which rule each run used.</p>",
         "<h2>Accuracy vs OPs</h2>",
         plot("pareto", "top-1 accuracy against OPs with the Pareto front"),
+        *extra,
         "<h2>Search curves</h2>",
         plot("search_curves", "search metrics per epoch"),
         "<h2>Retrain curves</h2>",
@@ -669,7 +626,7 @@ def build_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> Path
     """Write ``index.html``, ``summary.json`` and the PNGs of the sweep's report into ``out_dir``."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from pipeline import report_groups, tracking
 
     out_dir = Path(out_dir)
     sweep, trials = collect(ctx, sweep_run_id)
@@ -688,13 +645,16 @@ def build_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> Path
         "search_curves": _plot_curves(search_series, SEARCH_CURVES, out_dir / "search_curves.png"),
         "retrain_curves": _plot_curves(retrain_series, RETRAIN_CURVES, out_dir / "retrain_curves.png"),
     }
+    extra, more = report_groups.sections(trials, report_groups.random_retrains(ctx, sweep), out_dir)
     (out_dir / "summary.json").write_text(
-        json.dumps({"sweep_run_id": sweep_run_id, "experiment": ctx.experiment_name, **_jsonable(summary)}, indent=2)
+        json.dumps(
+            {"sweep_run_id": sweep_run_id, "experiment": ctx.experiment_name, **_jsonable({**summary, **more})},
+            indent=2,
+        )
     )
     index = out_dir / "index.html"
-    index.write_text(
-        render_html(sweep, ctx.experiment_name, tracking.display_uri(ctx.uri), trials, summary, plots), encoding="utf-8"
-    )
+    page = render_html(sweep, ctx.experiment_name, tracking.display_uri(ctx.uri), trials, summary, plots, extra)
+    index.write_text(page, encoding="utf-8")
     return index
 
 

@@ -490,17 +490,20 @@ def retrain_genotype(
     tags: dict[str, Any],
     log: Any = print,
     stop_after: int | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Retrain one genotype inside an open tracking context (a served URI when workers log).
 
-    The retrain run is nested under ``parent_run_id`` (the search run of the genotype) and found
-    again by its key: finished steps (model artifact + hash tag) are skipped, the interrupted one
-    resumes from its Ray Train checkpoint. Returns the run id and its final metrics.
+    The retrain run is nested under ``parent_run_id`` (the search run of the genotype, or the sweep
+    run for a random baseline) and found again by ``key`` (default: ``retrain_key``): finished steps
+    (model artifact + hash tag) are skipped, the interrupted one resumes from its Ray Train
+    checkpoint. Returns the run id and its final metrics.
     """
     from pipeline import tracking
     from pipeline.sweep import storage_path
 
-    key = retrain_key(cfg)
+    recipe = retrain_key(cfg)
+    key = key or recipe
     for t in tracking.search_trials(ctx, parent_run_id):
         if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
             log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
@@ -513,7 +516,7 @@ def retrain_genotype(
         {"space": genotype.space, "seed": cfg.retrain.seed, **tags, "stage": "retrain", "genotype_hash": genotype.hash},
     )
     tracking.log_params(ctx, run_id, cfg.retrain.model_dump(mode="json"), prefix="retrain.")
-    storage = f"{storage_path(cfg).rstrip('/')}/retrain/{genotype.hash[:12]}-{key.split(':')[1]}"
+    storage = f"{storage_path(cfg).rstrip('/')}/retrain/{genotype.hash[:12]}-{recipe.split(':')[1]}"
     done = tracking.get_run(ctx, run_id)["tags"]
     teacher = None
     if cfg.retrain.teacher not in ("train", "none"):

@@ -1,4 +1,5 @@
-"""``dcpnas sweep``: a Ray Tune grid of searches (seeds × spaces), each trial a ``TorchTrainer``, tracked in MLflow.
+"""``dcpnas sweep``: a Ray Tune grid of searches (seeds × spaces × override sets), each trial a
+``TorchTrainer``, tracked in MLflow.
 
 Order of a sweep (``run_sweep``): check the MLflow store (seconds, before any compute), make the
 search data (digits shards when none are given) and the weights/arch split once, open or reopen
@@ -10,12 +11,14 @@ See docs/search.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, SweepSection, add_config_arguments
+from pipeline.config import Config, SweepSection, add_config_arguments, apply_overrides, override_sets
 from pipeline.errors import UserError
 from pipeline.resources import EPS, cluster_resources, fits, total
 
@@ -24,16 +27,33 @@ from pipeline.resources import EPS, cluster_resources, fits, total
 class Trial:
     seed: int
     space: str
+    overrides: tuple[tuple[str, str], ...] = ()  # sorted (dotted key, JSON value) of one override set
+
+    @classmethod
+    def of(cls, seed: int, space: str, overrides: dict[str, Any]) -> Trial:
+        return cls(seed, space, tuple((k, json.dumps(v)) for k, v in sorted(overrides.items())))
+
+    @property
+    def overrides_text(self) -> str:
+        """``search.decoupled=false,search.lam=0.0``: the ``overrides`` tag, "" without overrides."""
+        return ",".join(f"{k}={v}" for k, v in self.overrides)
 
     @property
     def key(self) -> str:
-        """The MLflow trial key (run name): ``seed=0,space=dcpnas_3x3``."""
-        return f"seed={self.seed},space={self.space}"
+        """The MLflow trial key (run name): ``seed=0,space=dcpnas_3x3`` then the overrides, if any."""
+        return ",".join(filter(None, (f"seed={self.seed},space={self.space}", self.overrides_text)))
 
     @property
     def train_name(self) -> str:
-        """The Ray Train run name under the sweep's storage (directory-safe)."""
-        return f"search-seed{self.seed}-{self.space}"
+        """The Ray Train run name under the sweep's storage (directory-safe; overrides as a short hash)."""
+        base = f"search-seed{self.seed}-{self.space}"
+        return f"{base}-o{hashlib.sha256(self.overrides_text.encode()).hexdigest()[:10]}" if self.overrides else base
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """One ``override.<key>`` tag per override plus the compact ``overrides`` column."""
+        tags = {f"override.{k}": v for k, v in self.overrides}
+        return {**tags, "overrides": self.overrides_text} if tags else {}
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,8 @@ def trial_bundles(s: SweepSection) -> list[dict[str, float]]:
 def plan(cfg: Config, resources: dict[str, float]) -> Plan:
     """Trials and how many fit at once; ``UserError`` when a single trial can never be scheduled."""
     s = cfg.sweep
-    trials = [Trial(seed, space) for seed in s.seeds for space in s.spaces]
+    sets = override_sets(cfg)
+    trials = [Trial.of(seed, space, o) for seed in s.seeds for space in s.spaces for o in sets]
     bundles = trial_bundles(s)
     need = total(bundles)
     cpus, gpus = need["CPU"], need["GPU"]
@@ -104,9 +125,8 @@ def search_data(cfg: Config, log: Any = print) -> Config:
 
 
 def trial_config(cfg: Config, trial: Trial) -> Config:
-    tree = cfg.resolved()
-    tree["search"].update(seed=trial.seed, space=trial.space)
-    return Config.model_validate(tree)
+    overrides = {k: json.loads(v) for k, v in trial.overrides}
+    return apply_overrides(cfg, {**overrides, "search.seed": trial.seed, "search.space": trial.space})
 
 
 def _ray_init(cfg: Config) -> bool:
@@ -142,6 +162,7 @@ def _summary(trial: Trial, run: dict[str, Any], skipped: bool) -> dict[str, Any]
         "trial_key": trial.key,
         "seed": trial.seed,
         "space": trial.space,
+        "overrides": trial.overrides_text,
         "run_id": run["run_id"],
         "status": run["status"],
         "diverged": reason.startswith("diverged"),
@@ -155,7 +176,8 @@ def _summary(trial: Trial, run: dict[str, Any], skipped: bool) -> dict[str, Any]
 def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
     """Tune function trainable: one search (a ``TorchTrainer``) and its nested MLflow run.
 
-    ``params`` (Tune's trial config, saved with the experiment): ``config``, ``seed``, ``space``.
+    ``params`` (Tune's trial config, saved with the experiment): ``config``, ``seed``, ``space``,
+    ``variant`` (an index into the config's ``override_sets``).
     ``run`` (``tune.with_parameters``, given anew on every start or restore): the tracking context
     (its served URI changes between runs), parent run id, split, storage.
     """
@@ -167,7 +189,7 @@ def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(params["config"])
     ctx, parent = run["tracking"], run["parent_run_id"]
-    trial = Trial(int(params["seed"]), str(params["space"]))
+    trial = _trial(cfg, params)
     found = _existing_trials(ctx, parent).get(trial.key)
     if found is not None and (
         found["status"] == "FINISHED" or found["tags"].get(tracking.FAILURE_TAG, "").startswith("diverged")
@@ -175,10 +197,13 @@ def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
         tune.report(_summary(trial, found, skipped=True))  # finished, or diverged deterministically: keep it
         return
     tags = {"stage": "search", "space": trial.space, "seed": trial.seed, "split_sha256": run["split_sha256"]}
+    tags.update(trial.tags)
     run_id = tracking.start_trial_run(ctx, parent, trial.key, tags)
+    searched = trial_config(cfg, trial)
+    tracking.log_params(ctx, run_id, searched.search.model_dump(mode="json"), prefix="search.")  # overrides applied
     s = cfg.sweep
     result = fit_search(
-        trial_config(cfg, trial),
+        searched,
         run["split_uri"],
         run["storage_path"],
         trial.train_name,
@@ -199,6 +224,10 @@ def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
         tracking.finish_run(ctx, run_id, "FINISHED")
         found = _existing_trials(ctx, parent)[trial.key]
     tune.report(_summary(trial, found, skipped=False))
+
+
+def _trial(cfg: Config, params: dict[str, Any]) -> Trial:
+    return Trial.of(int(params["seed"]), str(params["space"]), override_sets(cfg)[int(params.get("variant", 0))])
 
 
 def _save_split(cfg: Config, log: Any) -> tuple[str, str]:
@@ -224,6 +253,7 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
 
     # fails fast, before compute
     ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment or cfg.name, cfg.tracking.retry_s)
+    override_sets(cfg)  # a bad sweep override fails here, naming its key, before Ray starts
     started = _ray_init(cfg)
     try:
         import ray
@@ -280,6 +310,7 @@ def _tune(
             "config": cfg.resolved(),
             "seed": tune.grid_search(list(cfg.sweep.seeds)),
             "space": tune.grid_search(list(cfg.sweep.spaces)),
+            "variant": tune.grid_search(list(range(len(override_sets(cfg))))),
         }
         tuner = tune.Tuner(
             trainable,
@@ -299,7 +330,7 @@ def _tune(
         if r.error is not None:
             m.setdefault("status", "ERROR")
             m["error"] = str(r.error)
-            m.setdefault("trial_key", Trial(r.config["seed"], r.config["space"]).key)
+            m.setdefault("trial_key", _trial(cfg, r.config).key)
         out.append(m)
     return out
 

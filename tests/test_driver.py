@@ -3,6 +3,7 @@ driver killed mid-sweep and run again (every stage's MLflow runs, no duplicates,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,9 @@ import pytest
 from test_local_cluster import lc
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.driver import select
+from pipeline.sweep import plan, run_sweep
 
 
 def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> dict:
@@ -93,7 +96,10 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         "data.arch_fraction=0.2",
         "retrain.epochs=2",
         "retrain.teacher_epochs=1",
-        "sweep.seeds=[0]",  # 2 trials (one per space): a comparison, half the sweep time of the demo's 4
+        # 2 trials, one per override set (an ablation), half the sweep time of the demo's 4
+        "sweep.seeds=[0]",
+        "sweep.spaces=[dcpnas_3x3]",
+        "sweep.variants=[{}, {search.lam: 0}]",
     ]
     cmd = [sys.executable, "-m", "pipeline.cli", "run", *(arg for s in sets for arg in ("--set", s))]
     ray_tmp = Path(tempfile.mkdtemp(prefix="e2e", dir="/tmp"))  # short: Ray's unix sockets live under it
@@ -147,7 +153,11 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     (sweep,), search = by_stage["sweep"], by_stage["search"]
     assert {r.data.tags["mlflow.parentRunId"] for r in search} == {sweep.info.run_id}
     keys = sorted(r.data.tags["trial_key"] for r in search)
-    assert keys == [f"seed=0,space={sp}" for sp in ("dcpnas_3x3", "dcpnas_conv")]  # once each
+    assert keys == ["seed=0,space=dcpnas_3x3", "seed=0,space=dcpnas_3x3,search.lam=0.0"]  # once each
+    lam0 = next(r for r in search if r.data.tags["trial_key"].endswith("lam=0.0"))
+    assert (lam0.data.tags["override.search.lam"], lam0.data.tags["overrides"]) == ("0.0", "search.lam=0.0")
+    assert {r.data.params["search.lam"] for r in search} == {"0.0", "0.005"}  # the trial searched with it
+    train_names = {t.key: t.train_name for t in plan(load_config(None, sets), {"CPU": 2}).trials}
     assert sweep.info.status == "FINISHED" and sweep.data.tags["split_sha256"]
     ctx = tracking.prepare(f"sqlite:///{db}", "demo")
     for r in search:
@@ -158,11 +168,11 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         assert genotype.space == r.data.tags["space"]
         names = {a.path for a in client.list_artifacts(r.info.run_id, "genotype")}
         assert {"genotype/genotype.json", "genotype/alpha_history.png", "genotype/alphas.png"} <= names
-        seed, space = (kv.split("=")[1] for kv in r.data.tags["trial_key"].split(","))
-        if f"search-seed{seed}-{space}" in checkpointed:  # resumed from its checkpoint: no epoch run twice
+        if train_names[r.data.tags["trial_key"]] in checkpointed:  # resumed from its checkpoint: no epoch run twice
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch")) == [0, 1]
     (retrain,) = by_stage["retrain"]  # top_k 1
     assert retrain.info.status == "FINISHED" and 0.1 < retrain.data.metrics["top1"] <= 1.0
+    assert retrain.data.tags["origin"] == "search"
     assert {"step1/model.pt", "step2/model.pt", "teacher/model.pt"} <= {
         a.path for d in ("teacher", "step1", "step2") for a in client.list_artifacts(retrain.info.run_id, d)
     }
@@ -172,12 +182,11 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     assert evaluated.data.metrics["num_examples"] == 364  # the digits test split: every held-out image once
     report = out / "demo" / "report"
     assert (report / "index.html").exists() and list(report.glob("*.png"))
+    groups = json.loads((report / "summary.json").read_text())["groups"]  # the report groups by overrides
+    assert [(g["overrides"], g["trials"]) for g in groups] == [("", 1), ("search.lam=0.0", 1)]
     assert "report/index.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
 
     # the finished sweep run once more: Tune restores the experiment, every trial is found in MLflow, nothing re-runs
-    from pipeline.config import load_config
-    from pipeline.sweep import run_sweep
-
     again = run_sweep(load_config(None, sets))
     assert sorted(r["run_id"] for r in again) == sorted(r.info.run_id for r in search)
     assert {r["trial_key"]: r["genotype_hash"] for r in again} == {

@@ -10,7 +10,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.sweep import plan
+from pipeline.sweep import plan, trial_config
 
 
 def sweep_config(out: Path, *sets: str) -> Config:
@@ -106,3 +106,64 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path) -> None:
     # both ranks stop at the same step; only the rank that saw the NaN can name its value
     assert outcomes[0] == "diverged: parent loss is not finite at epoch 0 step 0", outcomes
     assert outcomes[1] == "diverged: parent loss is not finite (nan) at epoch 0 step 0", outcomes
+
+
+GRID = "sweep.grid={search.lam: [5.0e-3, 0], search.decoupled: [true, false]}"
+
+
+def test_override_axes_multiply_the_trials_with_canonical_keys(tmp_path) -> None:
+    cfg = sweep_config(tmp_path, "sweep.seeds=[0]", "sweep.spaces=[dcpnas_3x3]", GRID)
+    keys = [t.key for t in plan(cfg, {"CPU": 2}).trials]
+    assert keys == [
+        "seed=0,space=dcpnas_3x3,search.decoupled=true,search.lam=0.005",
+        "seed=0,space=dcpnas_3x3,search.decoupled=false,search.lam=0.005",
+        "seed=0,space=dcpnas_3x3,search.decoupled=true,search.lam=0.0",  # lam: 0 read as the float field holds it
+        "seed=0,space=dcpnas_3x3,search.decoupled=false,search.lam=0.0",
+    ]
+    # variants × grid; a variant wins over the grid for its key; equal override sets run once
+    mixed = sweep_config(
+        tmp_path,
+        "sweep.seeds=[0, 1]",
+        "sweep.spaces=[dcpnas_3x3]",
+        "sweep.grid={search.lam: [0.005]}",
+        "sweep.variants=[{}, {search.lam: 0}, {search.lam: 0.0}, {search.mu: 0.5}]",
+    )
+    trials = plan(mixed, {"CPU": 2}).trials
+    assert [t.overrides_text for t in trials[:3]] == [
+        "search.lam=0.005",
+        "search.lam=0.0",
+        "search.lam=0.005,search.mu=0.5",
+    ]
+    assert len(trials) == 6 and len({t.train_name for t in trials}) == 6
+    assert all(t.train_name.replace("-", "").replace("_", "").isalnum() for t in trials)  # directory-safe
+    t = trials[2]
+    assert t.tags == {
+        "override.search.lam": "0.005",
+        "override.search.mu": "0.5",
+        "overrides": "search.lam=0.005,search.mu=0.5",
+    }
+    s = trial_config(mixed, t).search
+    assert (s.seed, s.space, s.lam, s.mu) == (0, "dcpnas_3x3", 0.005, 0.5)
+    plain = plan(sweep_config(tmp_path), {"CPU": 2}).trials[0]  # no overrides: key, Train name and tags as before
+    assert (plain.key, plain.train_name, plain.tags) == ("seed=0,space=dcpnas_3x3", "search-seed0-dcpnas_3x3", {})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sweep.grid={search.lamm: [1]}", "search.lamm: Extra inputs are not permitted"),
+        ("sweep.variants=[{search.lam: x}]", "search.lam: Input should be a valid number"),
+        ("sweep.grid={search.discrepancy: [l3]}", "search.discrepancy: 'l3' is not one of fro, l1, cos"),
+        ("sweep.variants=[{search.lam.x: 1}]", "sweep override search.lam.x: 'lam' is a value, not a section"),
+        ("sweep.grid={search.seed: [1, 2]}", "'search.seed': seeds and spaces are the sweep.seeds / sweep.spaces"),
+        ("sweep.variants=[{search.space: dcpnas}]", "'search.space': seeds and spaces are the sweep.seeds"),
+        ("sweep.grid={data.batch_size: [32]}", "'data.batch_size': only search.* keys vary per trial"),
+        ("sweep.grid={search.lam: []}", "sweep.grid.search.lam: give at least one value"),
+        ("sweep.grid={search.lam: 0}", "sweep.grid.search.lam: Input should be a valid list"),
+    ],
+)
+def test_a_bad_override_fails_before_anything_runs_naming_its_key(tmp_path, capsys, override, message) -> None:
+    rc = main(["sweep", "--set", f"output_dir={tmp_path}", "--set", override, "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
