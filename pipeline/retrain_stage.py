@@ -466,12 +466,13 @@ def _publish_step(ctx: Any, run_id: str, step: Step, result: Any) -> None:
     tracking.log_epoch(ctx, run_id, {f"{SHA_TAG}.{step.name}": sha, f"cost/{step.name}_seconds": seconds}, step=0)
 
 
-def retrain_key(cfg: Config) -> str:
-    """What makes two retrains of one genotype the same: the retrain recipe and the data."""
+def retrain_key(cfg: Config, genotype: Genotype) -> str:
+    """What makes two retrains the same: the genotype, the retrain recipe and the data. (A search run
+    can hold retrains of several genotypes: its Child's and its Parent's.)"""
     from dcpnas.checkpoint import config_hash
 
     recipe = {"retrain": cfg.retrain.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
-    return f"retrain:{config_hash(recipe)[:12]}"
+    return f"retrain:{config_hash(recipe)[:12]}:{genotype.hash[:12]}"
 
 
 def compute_hours(cfg: Config, seconds: float) -> dict[str, float]:
@@ -500,7 +501,7 @@ def retrain_genotype(
     from pipeline import tracking
     from pipeline.sweep import storage_path
 
-    key = retrain_key(cfg)
+    key = retrain_key(cfg, genotype)
     for t in tracking.search_trials(ctx, parent_run_id):
         if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
             log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
@@ -586,6 +587,8 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
             parent = search_run or tracking.start_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
             seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")
             tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
+            if ref.startswith(tracking.PARENT_REF):
+                tags["origin"] = "parent"  # the search's Parent genotype, retrained as a 1-bit network
             return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after)
     finally:
         if started:
