@@ -16,8 +16,8 @@ from conftest_data import (
     write_devkit,
     write_fashion_mnist,
     write_flat_val,
-    write_idx,
     write_folder,
+    write_idx,
     write_loc_csv,
 )
 from PIL import Image

@@ -227,7 +227,7 @@ def test_genotype_artifacts_round_trip_by_run_alias_and_file(store: str, tmp_pat
     assert tracking.find_genotype(ctx, "darts_v2") == (load_genotype("darts_v2"), None)
 
     other = load_genotype("darts_v2")
-    with pytest.raises(UserError, match="genotype_parent.json"):  # no Parent genotype logged yet
+    with pytest.raises(UserError, match=r"genotype_parent\.json"):  # no Parent genotype logged yet
         tracking.find_genotype(ctx, f"parent:{run}")
     parent_genotype = load_genotype("tangent_1")
     assert tracking.log_parent_genotype(ctx, run, parent_genotype) == parent_genotype.hash != genotype.hash
