@@ -58,12 +58,13 @@ class Scale:
     retrain_layers: int
     retrain_epochs: int
     teacher_epochs: int
+    batch_size: int = 64
     teacher: str = "train"
     steps: tuple[str, ...] = ("binary_act", "binary_all")
 
 
 FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 8, 3, 16, 5, 6, 4)
-QUICK = Scale(6, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, "none", ("binary_all",))
+QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, 16, "none", ("binary_all",))
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
         "name": "search-quality",
         "output_dir": str(out / "runs"),
         "threads": 1,
-        "data": {"source": "shards", "uri": uri, "image_size": scale.image_size, "batch_size": 64},
+        "data": {"source": "shards", "uri": uri, "image_size": scale.image_size, "batch_size": scale.batch_size},
         "search": {
             "space": SPACE,
             "init_channels": scale.search_channels,
@@ -119,7 +120,7 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
             "epochs": scale.retrain_epochs,
             "teacher": scale.teacher,
             "teacher_epochs": scale.teacher_epochs,
-            "batch_size": 64,
+            "batch_size": scale.batch_size,
             "lr": 0.003,
             "teacher_lr": 0.003,
             "min_lr": 0.0001,

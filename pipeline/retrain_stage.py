@@ -466,13 +466,12 @@ def _publish_step(ctx: Any, run_id: str, step: Step, result: Any) -> None:
     tracking.log_epoch(ctx, run_id, {f"{SHA_TAG}.{step.name}": sha, f"cost/{step.name}_seconds": seconds}, step=0)
 
 
-def retrain_key(cfg: Config, genotype: Genotype) -> str:
-    """What makes two retrains the same: the genotype, the retrain recipe and the data. (A search run
-    can hold retrains of several genotypes: its Child's and its Parent's.)"""
+def retrain_key(cfg: Config) -> str:
+    """What makes two retrains of one genotype the same: the retrain recipe and the data."""
     from dcpnas.checkpoint import config_hash
 
     recipe = {"retrain": cfg.retrain.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
-    return f"retrain:{config_hash(recipe)[:12]}:{genotype.hash[:12]}"
+    return f"retrain:{config_hash(recipe)[:12]}"
 
 
 def compute_hours(cfg: Config, seconds: float) -> dict[str, float]:
@@ -491,17 +490,20 @@ def retrain_genotype(
     tags: dict[str, Any],
     log: Any = print,
     stop_after: int | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Retrain one genotype inside an open tracking context (a served URI when workers log).
 
-    The retrain run is nested under ``parent_run_id`` (the search run of the genotype) and found
-    again by its key: finished steps (model artifact + hash tag) are skipped, the interrupted one
-    resumes from its Ray Train checkpoint. Returns the run id and its final metrics.
+    The retrain run is nested under ``parent_run_id`` (the search run of the genotype, or the sweep
+    run for a random baseline) and found again by ``key`` (default: ``retrain_key``): finished steps
+    (model artifact + hash tag) are skipped, the interrupted one resumes from its Ray Train
+    checkpoint. Returns the run id and its final metrics.
     """
     from pipeline import tracking
     from pipeline.sweep import storage_path
 
-    key = retrain_key(cfg, genotype)
+    recipe = retrain_key(cfg)
+    key = key or recipe
     for t in tracking.search_trials(ctx, parent_run_id):
         if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
             log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
@@ -514,7 +516,7 @@ def retrain_genotype(
         {"space": genotype.space, "seed": cfg.retrain.seed, **tags, "stage": "retrain", "genotype_hash": genotype.hash},
     )
     tracking.log_params(ctx, run_id, cfg.retrain.model_dump(mode="json"), prefix="retrain.")
-    storage = f"{storage_path(cfg).rstrip('/')}/retrain/{genotype.hash[:12]}-{key.split(':')[1]}"
+    storage = f"{storage_path(cfg).rstrip('/')}/retrain/{genotype.hash[:12]}-{recipe.split(':')[1]}"
     done = tracking.get_run(ctx, run_id)["tags"]
     teacher = None
     if cfg.retrain.teacher not in ("train", "none"):
@@ -587,9 +589,12 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
             parent = search_run or tracking.start_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
             seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")
             tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
-            if ref.startswith(tracking.PARENT_REF):
-                tags["origin"] = "parent"  # the search's Parent genotype, retrained as a 1-bit network
-            return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after)
+            key = None
+            if ref.startswith(tracking.PARENT_REF):  # the search's Parent genotype, beside its Child's retrain
+                tags["origin"], key = "parent", f"{retrain_key(cfg)}:parent"
+            elif search_run:
+                tags["origin"] = "search"
+            return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after, key)
     finally:
         if started:
             import ray
