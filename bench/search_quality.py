@@ -59,12 +59,14 @@ class Scale:
     retrain_epochs: int
     teacher_epochs: int
     batch_size: int = 64
+    search_fraction: float = 0.2  # of the train subset for weights, and as much for architecture steps
+    retrain_workers: int = 2
     teacher: str = "train"
     steps: tuple[str, ...] = ("binary_act", "binary_all")
 
 
-FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 8, 3, 16, 5, 6, 4)
-QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, 16, "none", ("binary_all",))
+FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 4, 1, 16, 5, 4, 3)
+QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, 16, 0.5, 1, "none", ("binary_all",))
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -100,7 +102,14 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
         "name": "search-quality",
         "output_dir": str(out / "runs"),
         "threads": 1,
-        "data": {"source": "shards", "uri": uri, "image_size": scale.image_size, "batch_size": scale.batch_size},
+        "data": {
+            "source": "shards",
+            "uri": uri,
+            "image_size": scale.image_size,
+            "batch_size": scale.batch_size,
+            "weight_fraction": scale.search_fraction,
+            "arch_fraction": scale.search_fraction,
+        },
         "search": {
             "space": SPACE,
             "init_channels": scale.search_channels,
@@ -124,6 +133,8 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
             "lr": 0.003,
             "teacher_lr": 0.003,
             "min_lr": 0.0001,
+            "workers": scale.retrain_workers,
+            "cpus_per_worker": 1,
             "top_k": 1,
             "random_baselines": scale.randoms,
             "random_seed": 0,
