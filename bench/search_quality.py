@@ -311,7 +311,7 @@ def run_arms(config: Path) -> None:
     try:
         dcpnas("run", str(config))
         ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment)
-        sweeps = [r for r in runs_of(ctx.uri, ctx.experiment) if r["tags"].get("stage") == "sweep"]
+        sweeps = [r for r in runs_of(ctx.uri, cfg.tracking.experiment) if r["tags"].get("stage") == "sweep"]
         sweep = next(r for r in sweeps if "genotype_ref" not in r["tags"])  # not a `dcpnas retrain` of a file
         for trial in tracking.search_trials(ctx, sweep["run_id"]):
             if trial["status"] != "FINISHED":
