@@ -236,13 +236,14 @@ def verdicts(arms: dict[str, dict[str, list[float]]]) -> list[str]:
         delta = ma - mb
         se = math.sqrt((0 if math.isnan(sa) else sa**2) / len(a) + (0 if math.isnan(sb) else sb**2) / len(b))
         t = delta / se if se > 0 else math.nan
+        spread = "no spread to compare with" if math.isnan(t) else f"{t:+.2f} standard errors"
         if math.isnan(t):
-            verdict = "cannot tell (no spread: one retrain per arm)"
+            verdict = "cannot tell (one retrain per arm)"
         elif abs(t) < 2:
             verdict = "no clear difference"
         else:
             verdict = "DCP-NAS is better" if delta > 0 else "DCP-NAS is worse"
-        lines.append(f"- DCP-NAS vs {other}: {verdict}: top-1 {100 * delta:+.2f} points, {t:+.2f} standard errors")
+        lines.append(f"- DCP-NAS vs {other}: {verdict}: top-1 {100 * delta:+.2f} points, {spread}")
     return lines
 
 
