@@ -65,7 +65,7 @@ class Scale:
     steps: tuple[str, ...] = ("binary_act", "binary_all")
 
 
-FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 4, 1, 16, 5, 4, 3)
+FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 4, 1, 16, 5, 3, 2)
 QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, 16, 0.5, 1, "none", ("binary_all",))
 
 
