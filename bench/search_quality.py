@@ -180,11 +180,12 @@ def search_arm(tags: dict[str, str]) -> str | None:
 def collect(runs: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
     """Per arm: the finished 1-bit retrains' top-1, OPs, core-hours; the searches' cost and final alpha entropy."""
     from dcpnas.genotype import load_genotype
+    from pipeline.config import Config
 
     reference = load_genotype(REFERENCE).hash
-    s, r = cfg["sweep"], cfg["retrain"]
-    search_cores = s.get("workers", 1) * s.get("cpus_per_worker", 0.5)
-    retrain_cores = r.get("workers", 1) * r.get("cpus_per_worker", 1.0)
+    c = Config.model_validate(cfg)
+    search_cores = c.sweep.workers * c.sweep.cpus_per_worker
+    retrain_cores = c.retrain.workers * c.retrain.cpus_per_worker
     searches = {x["run_id"]: x for x in runs if x["tags"].get("stage") == "search" and x["status"] == "FINISHED"}
     arms: dict[str, dict[str, list[float]]] = {a: {"top1": [], "ops": [], "retrain_ch": [], "search_ch": [],
                                                    "entropy": []} for a in ARMS}  # fmt: skip
@@ -212,7 +213,7 @@ def collect(runs: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
             arms[arm]["top1"].append(run["metrics"]["top1"])
             arms[arm]["ops"].append(run["metrics"].get("ops", math.nan))
             arms[arm]["retrain_ch"].append(run["hours"] * retrain_cores)
-    return {a: v for a, v in arms.items()}
+    return arms
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
