@@ -244,6 +244,10 @@ class DCPNASSearch:
     def genotype(self) -> Genotype:
         return Genotype.from_alphas(self.child.alpha, self.space, self.cfg.genotype_ranking)
 
+    def parent_genotype(self) -> Genotype:
+        """The real-valued Parent's own choice (DARTS on the Parent): the binarised-Parent baseline."""
+        return Genotype.from_alphas(self.parent.alpha, self.space, self.cfg.genotype_ranking)
+
     # ---- one step of each phase ----------------------------------------------------------------
     def _weight_step(self, name: str, model: nn.Module, loss: Tensor) -> None:
         # Decided across ranks: one rank raising while the others wait in DDP's all-reduce would hang them.

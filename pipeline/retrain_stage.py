@@ -590,7 +590,12 @@ def run_retrain(cfg: Config, ref: str | None = None, log: Any = print, stop_afte
             parent = search_run or tracking.start_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
             seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")
             tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
-            return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after)
+            key = None
+            if ref.startswith(tracking.PARENT_REF):  # the search's Parent genotype, beside its Child's retrain
+                tags["origin"], key = "parent", f"{retrain_key(cfg)}:parent"
+            elif search_run:
+                tags["origin"] = "search"
+            return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after, key)
     finally:
         if started:
             import ray

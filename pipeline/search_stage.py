@@ -189,6 +189,7 @@ def search_worker(task: dict[str, Any]) -> None:
         tracking.log_genotype(
             tracking_ctx, run_id, genotype, alpha=alpha, alpha_history=alpha_history or None, space=search.space
         )
+        tracking.log_parent_genotype(tracking_ctx, run_id, search.parent_genotype())
         tracking.finish_run(tracking_ctx, run_id, "FINISHED")
 
 

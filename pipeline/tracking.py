@@ -58,6 +58,9 @@ PARENT_TAG = "mlflow.parentRunId"
 FAILURE_TAG = "failure_reason"
 GENOTYPE_DIR = "genotype"
 GENOTYPE_PARAM_PREFIX = "genotype."
+PARENT_REF = "parent:"  # find_genotype("parent:<run id>"): the Parent genotype of a search run
+PARENT_GENOTYPE_FILE = "genotype_parent.json"
+PARENT_GENOTYPE_HASH_PARAM = "parent_genotype_hash"
 GENOTYPE_HASH_PARAM = "genotype.hash"  # a param, so immutable: find_genotype checks the artifact against it
 CONFIG_ARTIFACT = "config/resolved.yaml"
 HEALTH_TIMEOUT_S = 3.0
@@ -452,6 +455,18 @@ def log_genotype(
     return h
 
 
+def log_parent_genotype(ctx: TrackingContext, run_id: str, genotype: Genotype) -> str:
+    """Log the search's Parent genotype beside the Child's (``genotype/genotype_parent.json``, param
+    ``parent_genotype_hash``); ``find_genotype("parent:<run id>")`` returns it."""
+    genotype.validate()
+    client = _client(ctx.uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        genotype.save(Path(tmp) / PARENT_GENOTYPE_FILE)
+        client.log_artifact(run_id, str(Path(tmp) / PARENT_GENOTYPE_FILE), GENOTYPE_DIR)
+    _log_batch(client, run_id, params=[Param(PARENT_GENOTYPE_HASH_PARAM, genotype.hash)])
+    return genotype.hash
+
+
 def log_artifact(ctx: TrackingContext, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Attach a local file (e.g. the search split) to a run."""
     _retried(
@@ -491,15 +506,20 @@ def register_genotype(ctx: TrackingContext, run_id: str, name: str, alias: str) 
 def find_genotype(ctx: TrackingContext, ref: str) -> tuple[Genotype, str | None]:
     """The genotype behind ``ref`` and the run that logged it (None for files).
 
-    ``ref``: a run id, ``models:/name@alias``, ``models:/name/version``, a JSON path or a built-in
-    name. The artifact's hash must match the hash recorded when it was logged (and registered).
+    ``ref``: a run id, ``parent:<run id>`` (that search's Parent genotype), ``models:/name@alias``,
+    ``models:/name/version``, a JSON path or a built-in name. The artifact's hash must match the hash
+    recorded when it was logged (and registered).
     """
     from dcpnas.genotype import Genotype, GenotypeError, load_genotype
 
     client = _client(ctx.uri)
     expected: dict[str, str | None] = {}
+    artifact, hash_param = "genotype.json", GENOTYPE_HASH_PARAM
     try:
-        if ref.startswith("models:/"):
+        if ref.startswith(PARENT_REF) and _RUN_ID.fullmatch(ref.removeprefix(PARENT_REF)):
+            run_id = ref.removeprefix(PARENT_REF)
+            artifact, hash_param = PARENT_GENOTYPE_FILE, PARENT_GENOTYPE_HASH_PARAM
+        elif ref.startswith("models:/"):
             name, at, alias = ref.removeprefix("models:/").partition("@")
             if at:
                 mv = client.get_model_version_by_alias(name, alias)
@@ -512,9 +532,9 @@ def find_genotype(ctx: TrackingContext, ref: str) -> tuple[Genotype, str | None]
             run_id = ref
         else:
             return load_genotype(ref), None
-        expected["logged"] = client.get_run(run_id).data.params.get(GENOTYPE_HASH_PARAM)
+        expected["logged"] = client.get_run(run_id).data.params.get(hash_param)
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, f"{GENOTYPE_DIR}/genotype.json", tmp)
+            path = client.download_artifacts(run_id, f"{GENOTYPE_DIR}/{artifact}", tmp)
             genotype = Genotype.load(path).validate()
     except MlflowException as e:
         raise UserError(f"genotype {ref} at {display_uri(ctx.uri)}: {e.message}") from None

@@ -104,3 +104,30 @@ def synthetic_dataset(
         for i in range(rows):
             w.add("train", f"k{i:05d}", i % classes, f"{i:06d}".encode())
     return uri
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """An idx file (ubyte) of ``array``, as MNIST and Fashion-MNIST ship them; ``.gz`` appended if ``gz``."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_fashion_mnist(root: Path, n_train: int = 12, n_test: int = 5, size: int = 28, gz: bool = True) -> dict:
+    """Synthetic Fashion-MNIST idx files (random pixels, labels cycling over the 10 classes); returns the arrays."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, gz)
+        out[prefix] = (images, labels)
+    return out

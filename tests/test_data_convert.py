@@ -1,4 +1,4 @@
-"""Converters and the `dcpnas data` CLI on generated fixture trees (ImageNet layouts, CIFAR-10, digits)."""
+"""Converters and the `dcpnas data` CLI on generated fixture trees (ImageNet layouts, CIFAR-10, digits, idx)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from conftest_data import (
     odd_images,
     write_cifar,
     write_devkit,
+    write_fashion_mnist,
     write_flat_val,
     write_folder,
+    write_idx,
     write_loc_csv,
 )
 from PIL import Image
@@ -23,6 +25,7 @@ from PIL import Image
 import pipeline.data.convert as convert_mod
 from pipeline.data import cli
 from pipeline.data.convert import Options, convert
+from pipeline.data.idx import fashion_mnist
 from pipeline.data.shards import open_dataset
 from pipeline.data.sources import cifar10, digits, imagefolder, imagenet
 from pipeline.data.stream import ShardStream
@@ -236,3 +239,49 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert run_cli("data", "convert", "digits", f"memory://{tmp_path}/d", "--quiet") == 0
     with pytest.raises(SystemExit):
         run_cli("data", "convert", "digits", "x", "--shard-size", "lots")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_round_trip_is_pixel_exact(tmp_path, gz):
+    arrays = write_fashion_mnist(tmp_path / "src", gz=gz)
+    out = f"file://{tmp_path}/out"
+    assert run_cli("data", "convert", "fashion-mnist", str(tmp_path / "src"), out, "--quiet") == 0
+    ds = open_dataset(out)
+    assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot" and len(ds.classes) == 10
+    assert ds.manifest.splits["train"].class_counts == [2, 2] + [1] * 8
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = arrays[prefix]
+        stored = rows(out, split)
+        assert len(stored) == len(labels)
+        for key, (label, data) in stored.items():
+            i = int(key.removeprefix(f"{prefix}/"))
+            img = Image.open(io.BytesIO(data))
+            assert img.mode == "L" and label == labels[i] and np.array_equal(np.asarray(img), images[i])
+
+
+def test_fashion_mnist_bad_files_are_named(tmp_path):
+    src = tmp_path / "src"
+    images, labels = write_fashion_mnist(src, gz=False)["train"]
+    (src / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(UserError, match=f"idx file {src}/t10k-labels-idx1-ubyte \\(or t10k-labels-idx1-ubyte.gz\\)"):
+        fashion_mnist(str(src))
+    write_idx(src / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))  # 5 test images
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte has 4 labels but t10k-images-idx3-ubyte has 5"):
+        fashion_mnist(str(src))
+    write_idx(src / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8))
+    write_idx(src / "train-images-idx3-ubyte", images[:, :, :, None])  # an idx4 file
+    with pytest.raises(UserError, match=f"{src}/train-images-idx3-ubyte: wrong magic number 0x00000804"):
+        fashion_mnist(str(src))
+    raw = write_idx(src / "train-images-idx3-ubyte", images).read_bytes()
+    (src / "train-images-idx3-ubyte").write_bytes(raw[:-10])
+    with pytest.raises(UserError, match=f"{src}/train-images-idx3-ubyte: 9398 data bytes, but its header"):
+        fashion_mnist(str(src))
+    (src / "train-images-idx3-ubyte").unlink()
+    gz = write_idx(src / "train-images-idx3-ubyte", images, gz=True)
+    gz.write_bytes(gz.read_bytes()[:-30])
+    with pytest.raises(UserError, match=f"{gz}: not a complete gzip file"):
+        fashion_mnist(str(src))
+    write_idx(src / "train-images-idx3-ubyte", images, gz=True)
+    write_idx(src / "train-labels-idx1-ubyte", labels + 10)
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte: label 19 is not a Fashion-MNIST class"):
+        fashion_mnist(str(src))

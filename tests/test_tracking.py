@@ -231,6 +231,13 @@ def test_genotype_artifacts_round_trip_by_run_alias_and_file(store: str, tmp_pat
     assert tracking.find_genotype(ctx, "darts_v2") == (load_genotype("darts_v2"), None)
 
     other = load_genotype("darts_v2")
+    with pytest.raises(UserError, match=r"genotype_parent\.json"):  # no Parent genotype logged yet
+        tracking.find_genotype(ctx, f"parent:{run}")
+    parent_genotype = load_genotype("tangent_1")
+    assert tracking.log_parent_genotype(ctx, run, parent_genotype) == parent_genotype.hash != genotype.hash
+    assert client.get_run(run).data.params["parent_genotype_hash"] == parent_genotype.hash
+    assert tracking.find_genotype(ctx, f"parent:{run}") == (parent_genotype, run)
+    assert tracking.find_genotype(ctx, run) == (genotype, run)  # the Child's genotype is untouched
     with pytest.raises(ValueError, match="already holds genotype"):
         tracking.log_genotype(ctx, run, other)
     assert tracking.find_genotype(ctx, run)[0] == genotype  # nothing was overwritten

@@ -37,10 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "imagefolder": "SRC/<class>/* or SRC/{train,val,test}/<class>/*",
         "cifar10": "SRC = cifar-10-batches-py (python batches) or its parent",
         "digits": "scikit-learn's bundled 8x8 digits (no SRC)",
+        "fashion-mnist": "SRC (default /usr/share/datasets/fashion-mnist) holds the idx files, gzipped or not",
     }
     for name, text in helps.items():
         p = formats.add_parser(name, parents=[common], help=text, description=text)
-        if name != "digits":
+        if name == "fashion-mnist":
+            p.add_argument("src", nargs="?", help="folder of the idx files (default /usr/share/datasets/fashion-mnist)")
+        elif name != "digits":
             p.add_argument("src", help="source folder (path or fsspec URI)")
         p.add_argument("out", help="output dataset URI (file://, memory://, s3://, gs://, or a path)")
         p.set_defaults(func=_convert)

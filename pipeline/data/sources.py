@@ -1,4 +1,5 @@
-"""Input layouts the converter reads: ImageNet ILSVRC-2012, ImageFolder trees, CIFAR-10 python batches, digits.
+"""Input layouts the converter reads: ImageNet ILSVRC-2012, ImageFolder trees, CIFAR-10 python batches, digits
+(Fashion-MNIST's idx files: ``pipeline.data.idx``).
 
 Each function lists its inputs (no image is decoded here) and checks the layout, raising a UserError that
 names the path at fault: a missing folder, an empty class folder, a val label file that does not match the
@@ -26,7 +27,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 
 @dataclass
 class Inputs:
-    """One split's examples before sharding: files (``paths`` in ``fs``) or in-memory ``pixels`` (N, H, W, 3)."""
+    """One split's examples before sharding: files (``paths`` in ``fs``) or in-memory ``pixels`` (N, H, W, 3),
+    or (N, H, W) for grayscale."""
 
     keys: list[str]
     labels: np.ndarray
@@ -225,9 +227,13 @@ def digits() -> Source:
 
 
 def open_source(fmt: str, src: str | None = None, val_labels: str | None = None) -> Source:
-    """The source for a CLI format name; ``src`` is its path or URI (digits needs none)."""
+    """The source for a CLI format name; ``src`` is its path or URI (digits needs none; fashion-mnist has a default)."""
     if fmt == "digits":
         return digits()
+    if fmt == "fashion-mnist":
+        from pipeline.data.idx import FASHION_MNIST_DIR, fashion_mnist
+
+        return fashion_mnist(src or FASHION_MNIST_DIR)
     if src is None:
         raise UserError(f"format {fmt!r} needs a source path")
     if fmt == "imagenet":
