@@ -5,6 +5,7 @@ from __future__ import annotations
 import traceback
 from collections import Counter
 
+import pytest
 import torch
 from test_search import tiny_config
 from torch.overrides import TorchFunctionMode
@@ -70,18 +71,20 @@ def uneven_data(n_weights: int = 40, n_arch: int = 16, batch: int = 8, **kw) -> 
     return TensorSearchData(split(n_weights), split(n_arch), split(12), batch_size=batch, **kw)
 
 
+@pytest.mark.slow
 def test_hot_loop_syncs_the_host_at_most_once_per_step_with_architecture_updates() -> None:
-    # 5 weight batches against 2 arch batches: 5 steps per phase, arch on from the first step.
+    # One epoch, architecture on from the first step: 4 weight batches against 2 arch batches per phase.
     search = DCPNASSearch(tiny_config(epochs=1, warmup_epochs=0, finite_check_steps=4))
-    with SyncCounter(search) as steps:
-        search.run(uneven_data(), max_steps=8)  # 5 parent + 3 child steps, returning the genotype
-    # search.py: the divergence checks after steps 4 and 8. decoupled.py: the back-tracker reads its
-    # last step size once per architecture step, a read its owner is removing.
-    assert steps.where == {"decoupled.py": 8, "search.py": 2, "genotype.py": 1}, steps.where
-    search = DCPNASSearch(tiny_config(epochs=1, warmup_epochs=0))
-    with SyncCounter(search) as epoch:
-        search.run(uneven_data())  # one whole epoch: 10 steps, then metrics, evaluation, genotype
-    assert epoch.where == {}, epoch.where
+    with SyncCounter(search) as syncs:
+        search.run(uneven_data(n_weights=32, n_arch=16))  # 8 steps, the epoch's metrics, the genotype
+    # search.py: divergence checks after steps 4 and 8 and before the metrics, the metrics' and the
+    # evaluation's one read each, alpha's entropy. genotype.py: one host copy of alpha for the epoch's
+    # genotype, one for the returned one. So 8 reads in 8 steps, the epoch's end included.
+    decoupled = syncs.where.pop("decoupled.py", 0)
+    assert syncs.where == {"search.py": 6, "genotype.py": 2}, syncs.where
+    # The back-tracker's read of its last step size, once per architecture step, is being removed by
+    # its owner (dcpnas/decoupled.py): until then it is the one per-step sync left.
+    assert decoupled in (0, 8)
 
 
 def test_cycle_pairing_reads_every_weight_row_once_per_phase() -> None:
