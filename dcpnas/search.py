@@ -272,7 +272,7 @@ class DCPNASSearch:
         for name, count in zip(PHASES, bad):
             if count > 0:
                 where = f"epoch {self.epoch}, {self.phase} phase step {self.step}"
-                raise DivergedError(f"{name} loss is not finite (in {count:g} rank-steps up to {where})")
+                raise DivergedError(f"{name} loss is not finite (on some rank, by {where})")
 
     def layout(self, batch: Batch) -> Batch:
         """The batch in the supernets' memory format (channels-last on CUDA)."""
