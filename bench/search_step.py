@@ -20,8 +20,8 @@ Derived per round: dcpnas_iter = (parent + ggn) / 2, the mean cost per batch of 
 alternates the two phases by epoch. Variants run round-robin (A B C D E A B C D E ...) so load
 drifts on a shared machine hit all of them; medians and IQRs over the timed rounds, in wall and in
 process CPU time. Peak memory: one extra step per variant after the timings (see
-``peak_step_memory_mib``). Issue goals: dcpnas_ggn <= darts_2nd, dcpnas_ggn <= 2.5 x darts_1st,
-dcpnas_exact >= 3 x dcpnas_ggn.
+``peak_step_memory_mib``). Issue goals: dcpnas_ggn <= darts_2nd, dcpnas_ggn <= 2.0 x darts_1st
+(issue 15; issue 2 asked 2.5 x), dcpnas_exact >= 3 x dcpnas_ggn.
 
     .venv/bin/python bench/search_step.py [--threads 1] [--repeats 7] [--components] [--out results.json]
     .venv/bin/python bench/search_step.py --device cuda --bf16 --batch 64
@@ -59,7 +59,7 @@ Step = Callable[[Batch, Batch], None]
 VARIANTS = ("darts_1st", "darts_2nd", "dcpnas_parent", "dcpnas_ggn", "dcpnas_exact")
 GOALS = (  # (name, numerator, denominator, comparison, bound)
     ("GGN child step <= DARTS 2nd order", "dcpnas_ggn", "darts_2nd", "<=", 1.0),
-    ("GGN child step <= 2.5 x DARTS 1st order", "dcpnas_ggn", "darts_1st", "<=", 2.5),
+    ("GGN child step <= 2.0 x DARTS 1st order", "dcpnas_ggn", "darts_1st", "<=", 2.0),
     ("exact-Hessian child step >= 3 x GGN", "dcpnas_exact", "dcpnas_ggn", ">=", 3.0),
 )
 MIB = 2**20

@@ -8,8 +8,8 @@ data object, which decides what each rank reads.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -30,6 +30,17 @@ from dcpnas.tangent import DISCREPANCIES, HESSIANS, child_arch_gradient, parent_
 
 Batch = tuple[Tensor, Tensor]
 PHASES = ("parent", "child")
+PAIRINGS = ("cycle", "min")
+
+
+def pair_indices(n_weights: int, n_arch: int, pairing: str) -> Iterator[tuple[int, int, int]]:
+    """(weight batch, arch batch, arch pass) of each step of a phase.
+
+    ``cycle`` (PC-DARTS): every weight batch once, the architecture batches repeated from the
+    start when used up (pass 1, 2, ...); ``min``: as ``zip``, as many steps as the shorter split.
+    """
+    steps = min(n_weights, n_arch) if pairing == "min" else n_weights
+    return ((i, i % n_arch, i // n_arch) for i in range(steps))
 
 
 @dataclass
@@ -79,6 +90,12 @@ class SearchConfig:
     grad_clip: float = 5.0
     genotype_ranking: str = "raw"  # raw | softmax (spec §8)
     seed: int = 0
+    # loop (not the method): cost of a step on an accelerator
+    pairing: str = "cycle"  # cycle: every weight batch once per phase, the arch split repeated | min: zip
+    eval_batches: int | None = 10  # per-rank held-out batches per epoch (the last epoch: all); None = all
+    finite_check_steps: int = 50  # steps between the (synchronising) cross-rank divergence checks
+    bf16: bool = True  # CUDA only: bf16 autocast of every step and evaluation
+    channels_last: bool = True  # CUDA only: NHWC supernets and batches
 
     def __post_init__(self) -> None:
         self.arch_betas = tuple(self.arch_betas)
@@ -91,6 +108,7 @@ class SearchConfig:
             "psi_granularity": ("edge", "op"),
             "psi_rule": PSI_RULES,
             "genotype_ranking": ("raw", "softmax"),
+            "pairing": PAIRINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -102,6 +120,8 @@ class SearchConfig:
             raise ValueError("search.lam and search.mu must be >= 0")
         if self.psi_init < 0:
             raise ValueError(f"search.psi_init: {self.psi_init} must be >= 0 (psi is projected to |psi|)")
+        if (self.eval_batches is not None and self.eval_batches < 1) or self.finite_check_steps < 1:
+            raise ValueError("search.eval_batches (or null) and search.finite_check_steps must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -125,23 +145,27 @@ class TensorSearchData:
         held_out: Batch,
         batch_size: int,
         seed: int = 0,
+        pairing: str = "cycle",
     ) -> None:
         self.w, self.a, self.e = weights, arch, held_out
-        self.batch_size, self.seed = batch_size, seed
-        self.steps = min(len(weights[1]), len(arch[1])) // batch_size
-        if self.steps == 0:
+        self.batch_size, self.seed, self.pairing = batch_size, seed, pairing
+        self.n_w, self.n_a = len(weights[1]) // batch_size, len(arch[1]) // batch_size
+        if min(self.n_w, self.n_a) == 0:
             raise ValueError(f"batch size {batch_size} exceeds the smaller search split")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing '{pairing}' is not one of {', '.join(PAIRINGS)}")
 
-    def _order(self, n: int, epoch: int, phase: str, split: int) -> Tensor:
-        g = torch.Generator().manual_seed(hash((self.seed, epoch, PHASES.index(phase), split)) & 0x7FFFFFFF)
+    def _order(self, n: int, epoch: int, phase: str, split: int, rep: int = 0) -> Tensor:
+        key = (self.seed, epoch, PHASES.index(phase), split) + ((rep,) if rep else ())
+        g = torch.Generator().manual_seed(hash(key) & 0x7FFFFFFF)
         return torch.randperm(n, generator=g)
 
     def batches(self, epoch: int, phase: str, start: int = 0) -> Iterator[tuple[Batch, Batch]]:
         ow = self._order(len(self.w[1]), epoch, phase, 0)
-        oa = self._order(len(self.a[1]), epoch, phase, 1)
         b = self.batch_size
-        for i in range(start, self.steps):
-            iw, ia = ow[i * b : (i + 1) * b], oa[i * b : (i + 1) * b]
+        for i, j, rep in itertools.islice(pair_indices(self.n_w, self.n_a, self.pairing), start, None):
+            oa = self._order(len(self.a[1]), epoch, phase, 1, rep)  # each pass over the arch split reshuffled
+            iw, ia = ow[i * b : (i + 1) * b], oa[j * b : (j + 1) * b]
             yield (self.w[0][iw], self.w[1][iw]), (self.a[0][ia], self.a[1][ia])
 
     def eval_batches(self) -> Iterator[Batch]:
@@ -170,11 +194,14 @@ class DCPNASSearch:
     ) -> None:
         self.cfg = cfg
         self.space = get_space(cfg.space)
+        cuda = torch.device(device).type == "cuda"
+        self.amp = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cuda and cfg.bf16)
+        self.memory_format = torch.channels_last if cuda and cfg.channels_last else torch.contiguous_format
         self.reduce = reduce_mean or _identity
         torch.manual_seed(cfg.seed)
         child_bits = Binarize(weights=True, activations=True, depthwise_input=cfg.binarize_depthwise_input)
-        self.parent = self._supernet(REAL).to(device, dtype)
-        self.child = self._supernet(child_bits).to(device, dtype)
+        self.parent = self._supernet(REAL).to(device, dtype, memory_format=self.memory_format)
+        self.child = self._supernet(child_bits).to(device, dtype, memory_format=self.memory_format)
         with torch.no_grad():
             self.child.alpha.copy_(self.parent.alpha)
         wrap = wrap or (lambda m: m)
@@ -209,7 +236,9 @@ class DCPNASSearch:
         self.backtrack = {"parent": Backtracker(**bt).to(device, dtype), "child": Backtracker(**bt).to(device, dtype)}
         self.epoch, self.phase, self.step, self.global_step = 0, "parent", 0, 0
         self.phase_tangent = torch.zeros_like(self.parent.alpha)
-        self.meters: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        # [sum, count] per metric and non-finite weight losses [parent, child], kept on the device: read per epoch
+        self.meters: dict[str, Tensor] = {}
+        self.nonfinite = torch.zeros(2, dtype=torch.float64, device=device)
         self.history: list[dict[str, Any]] = []
 
     def _supernet(self, bits: Binarize) -> SuperNet:
@@ -232,10 +261,29 @@ class DCPNASSearch:
         return torch.optim.Adam([alpha], c.arch_lr, betas=c.arch_betas, weight_decay=c.arch_weight_decay)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
-    def _meter(self, name: str, value: float, n: int = 1) -> None:
-        m = self.meters[name]
-        m[0] += value * n
+    def _meter(self, name: str, value: Tensor | float, n: int = 1) -> None:
+        """Accumulate without a host round trip (a tensor value stays on its device)."""
+        m = self.meters.get(name)
+        if m is None:
+            m = self.meters[name] = self.nonfinite.new_zeros(2)
+        m[0] += torch.as_tensor(value).detach().to(m) * n
         m[1] += n
+
+    def check_finite(self) -> None:
+        """Raise ``DivergedError`` on every rank if any rank saw a non-finite weight loss.
+
+        One all-reduce and one host read, every ``finite_check_steps`` steps and before each epoch's
+        metrics (so before any checkpoint of a diverged state): the steps in between run on, wasted.
+        """
+        bad = self.reduce(self.nonfinite.clone()).tolist()
+        for name, count in zip(PHASES, bad):
+            if count > 0:
+                where = f"epoch {self.epoch}, {self.phase} phase step {self.step}"
+                raise DivergedError(f"{name} loss is not finite (on some rank, by {where})")
+
+    def layout(self, batch: Batch) -> Batch:
+        """The batch in the supernets' memory format (channels-last on CUDA)."""
+        return batch[0].contiguous(memory_format=self.memory_format), batch[1]
 
     @property
     def arch_active(self) -> bool:
@@ -250,10 +298,9 @@ class DCPNASSearch:
 
     # ---- one step of each phase ----------------------------------------------------------------
     def _weight_step(self, name: str, model: nn.Module, loss: Tensor) -> None:
-        # Decided across ranks: one rank raising while the others wait in DDP's all-reduce would hang them.
-        if self.reduce(torch.isfinite(loss.detach()).logical_not().double().view(1)).item() > 0:
-            where = "" if torch.isfinite(loss) else f" ({loss.item()})"
-            raise DivergedError(f"{name} loss is not finite{where} at epoch {self.epoch} step {self.step}")
+        # Counted on the device, decided in check_finite across ranks: one rank raising while the
+        # others wait in DDP's all-reduce would hang them.
+        self.nonfinite[PHASES.index(name)] += torch.isfinite(loss.detach()).logical_not().to(self.nonfinite)
         opt = self.opt[f"{name}_w"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,7 +320,7 @@ class DCPNASSearch:
         if self.cfg.decoupled:
             vanilla = alpha.detach() - alpha_old
             shift = bt.project(alpha, alpha_old, norms(), lr)
-            self._meter(f"{name}/backtrack_ratio", backtrack_ratio(shift, vanilla, bt.prev_mask).item())
+            self._meter(f"{name}/backtrack_ratio", backtrack_ratio(shift, vanilla, bt.prev_mask))
 
     def parent_step(self, wb: Batch, ab: Batch) -> None:
         x, y = wb
@@ -281,15 +328,15 @@ class DCPNASSearch:
         logits = self.parent_fwd(x, alpha=self.parent.alpha.detach())
         loss = F.cross_entropy(logits, y)
         self._weight_step("parent", self.parent, loss)
-        self._meter("parent/loss", loss.item(), len(y))
-        self._meter("parent/acc", (logits.argmax(1) == y).float().mean().item(), len(y))
+        self._meter("parent/loss", loss, len(y))
+        self._meter("parent/acc", (logits.argmax(1) == y).float().mean(), len(y))
         if not self.arch_active:
             return
         with frozen_bn_stats(self.parent):
             tangent, _, ce = parent_tangent(self.parent, *ab)
         grad = self.reduce(-tangent)
         self.phase_tangent += (-grad - self.phase_tangent) / (self.step + 1)  # running mean over the phase
-        self._meter("parent/arch_loss", ce.item())
+        self._meter("parent/arch_loss", ce)
         self._arch_step("parent", self.parent.alpha, grad, self.parent.op_weight_norms)
 
     def child_step(self, wb: Batch, ab: Batch) -> None:
@@ -302,9 +349,9 @@ class DCPNASSearch:
         kl = kl_to_teacher(logits, teacher)
         l_r = reconstruction_loss(self.child)
         self._weight_step("child", self.child, kl + c.mu * l_r)
-        self._meter("child/kl", kl.item(), len(y))
-        self._meter("child/l_r", l_r.item(), len(y))
-        self._meter("child/acc", (logits.argmax(1) == y).float().mean().item(), len(y))
+        self._meter("child/kl", kl, len(y))
+        self._meter("child/l_r", l_r, len(y))
+        self._meter("child/acc", (logits.argmax(1) == y).float().mean(), len(y))
         if not self.arch_active:
             return
         xa, ya = ab
@@ -335,28 +382,32 @@ class DCPNASSearch:
 
     @torch.no_grad()
     def evaluate(self, data: Iterable[Batch]) -> dict[str, float]:
-        """Top-1 of both supernets on held-out data, summed across ranks.
+        """Top-1 of both supernets on held-out data, summed across ranks (counted on the device).
 
         Supernets normalise with batch statistics here: their running statistics average over
         an architecture that keeps moving and lag far behind in short searches.
         """
         self.parent.train()
         self.child.train()
-        correct = torch.zeros(3, dtype=torch.float64)
-        with frozen_bn_stats(self.parent), frozen_bn_stats(self.child):
-            for x, y in data:
-                hits = [(net(x).argmax(1) == y).sum().item() for net in (self.parent, self.child)]
-                correct += torch.tensor([*hits, len(y)], dtype=torch.float64)
-        correct = self.reduce(correct)
-        return {"parent/val_acc": (correct[0] / correct[2]).item(), "child/val_acc": (correct[1] / correct[2]).item()}
+        correct = self.nonfinite.new_zeros(3)
+        with frozen_bn_stats(self.parent), frozen_bn_stats(self.child), self.amp:
+            for x, y in map(self.layout, data):
+                for i, net in enumerate((self.parent, self.child)):
+                    correct[i] += (net(x).argmax(1) == y).sum()
+                correct[2] += len(y)
+        p, c, n = self.reduce(correct).tolist()
+        return {"parent/val_acc": p / n, "child/val_acc": c / n}
 
     def _epoch_metrics(self, data: SearchData, seconds: float) -> dict[str, Any]:
-        metrics = {k: v[0] / v[1] for k, v in self.meters.items() if v[1]}
-        names = sorted(metrics)
-        if names:
-            reduced = self.reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64))
-            metrics = dict(zip(names, reduced.tolist()))
-        metrics.update(self.evaluate(data.eval_batches()))
+        names = sorted(self.meters)
+        if names:  # every rank has the same names (the same steps ran)
+            sums = torch.stack([self.meters[k] for k in names])
+            metrics = dict(zip(names, self.reduce(sums[:, 0] / sums[:, 1]).tolist()))
+        else:
+            metrics = {}
+        last = self.epoch == self.cfg.epochs - 1  # the final metrics: the whole held-out split
+        bound = None if last else self.cfg.eval_batches
+        metrics.update(self.evaluate(itertools.islice(data.eval_batches(), bound)))
         probs = torch.softmax(self.child.alpha.detach().double(), -1)
         genotype = self.genotype()
         metrics.update(
@@ -392,15 +443,20 @@ class DCPNASSearch:
                 for wb, ab in data.batches(self.epoch, phase, self.step):
                     if max_steps is not None and steps_run >= max_steps:
                         return self.genotype()
-                    step_fn(wb, ab)
+                    with self.amp:
+                        step_fn(self.layout(wb), self.layout(ab))
                     self.step += 1
                     self.global_step += 1
                     steps_run += 1
+                    if self.global_step % self.cfg.finite_check_steps == 0:
+                        self.check_finite()
             for s in self.sched.values():
                 s.step()
+            self.check_finite()
             metrics = self._epoch_metrics(data, time.perf_counter() - t0)
             self.history.append(metrics)
             self.meters.clear()
+            self.nonfinite.zero_()
             self.epoch, self.phase, self.step = self.epoch + 1, "parent", 0
             if on_epoch_end is not None:
                 on_epoch_end(self, metrics)
@@ -417,7 +473,7 @@ class DCPNASSearch:
             "backtrack": {k: b.state_dict() for k, b in self.backtrack.items()},
             "position": {"epoch": self.epoch, "phase": self.phase, "step": self.step, "global_step": self.global_step},
             "phase_tangent": self.phase_tangent,
-            "meters": {k: list(v) for k, v in self.meters.items()},
+            "meters": {k: v.tolist() for k, v in self.meters.items()},
             "history": self.history,
             "rng": torch.get_rng_state(),
         }
@@ -441,6 +497,6 @@ class DCPNASSearch:
         )
         self.phase_tangent.copy_(state["phase_tangent"])
         self.meters.clear()
-        self.meters.update({k: list(v) for k, v in state["meters"].items()})
+        self.meters.update({k: self.nonfinite.new_tensor(v) for k, v in state["meters"].items()})
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])

@@ -75,8 +75,8 @@ class ArchGradient:
 
     grad: Tensor
     g: Tensor
-    kl: float
-    discrepancy: float
+    kl: Tensor  # detached scalars, left on the device (reading them would stall it)
+    discrepancy: Tensor
 
 
 def child_arch_gradient(
@@ -103,11 +103,11 @@ def child_arch_gradient(
     (dkl,) = torch.autograd.grad(kl, child.alpha, create_graph=exact, retain_graph=lam > 0)
     g = reduce(-dkl.detach())
     if lam == 0:
-        return ArchGradient(-g, g, kl.item(), 0.0)
+        return ArchGradient(-g, g, kl.detach(), torch.zeros_like(kl.detach()))
     d, v = discrepancy(g, tangent, kind)
     if exact:
         # H_G v = d/d alpha <dG/d alpha, v>, by double backprop through the whole Child.
         (hv,) = torch.autograd.grad(-dkl, child.alpha, grad_outputs=v)
     else:
         hv = -ggn_vector_product(child, x, logits, v)
-    return ArchGradient(-g + lam * reduce(hv), g, kl.item(), d.item())
+    return ArchGradient(-g + lam * reduce(hv), g, kl.detach(), d.detach())

@@ -30,7 +30,8 @@ def digits_search_data(cfg: Config) -> TensorSearchData:
     fractions = {"held_out": d.held_out_fraction, "weights": rest * d.weight_fraction, "arch": rest * d.arch_fraction}
     split = balanced_split([str(i) for i in range(len(y))], labels.tolist(), fractions, d.split_seed)
     held, w, a = (torch.tensor([int(k) for k in split.parts[p]]) for p in fractions)
-    return TensorSearchData((x[w], y[w]), (x[a], y[a]), (x[held], y[held]), d.batch_size, cfg.search.seed)
+    parts = (x[w], y[w]), (x[a], y[a]), (x[held], y[held])
+    return TensorSearchData(*parts, d.batch_size, cfg.search.seed, cfg.search.pairing)
 
 
 def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, Any]:

@@ -17,26 +17,34 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dcpnas.checkpoint import load_checkpoint, save_checkpoint
-from dcpnas.search import PHASES, Batch, DCPNASSearch, DivergedError
+from dcpnas.search import PHASES, Batch, DCPNASSearch, DivergedError, pair_indices
 from pipeline.collectives import all_reduce_mean, worker_device
 from pipeline.config import Config
 from pipeline.data.shards import open_dataset
 from pipeline.data.splits import SearchSplit, balanced_split
 from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import EvalTransform, TrainTransform, on_device
+from pipeline.errors import UserError
+from pipeline.gpu_memory import first_step_fits
 
 CHECKPOINT_FILE = "search.pt"
 ALPHA_HISTORY_FILE = "alpha_history.pt"  # only with tracking: the alphas of every epoch, for the history plot
 
 
 def ddp(module: nn.Module) -> nn.Module:
-    """DDP for weight steps; ``alpha`` gets no gradient there (weight steps use it detached) and is
-    averaged explicitly in architecture steps.
+    """DDP for weight steps; ``alpha`` (used detached there) is averaged explicitly in architecture steps.
 
-    ``find_unused_parameters`` accounts for ``alpha``: DDP's ignore list
-    (``_set_params_and_buffers_to_ignore_for_model``) fails its second iteration under torch 2.13.
+    ``alpha`` is kept out of DDP's reducer by building DDP while it does not require a gradient (DDP
+    registers only parameters that do), so no ``find_unused_parameters`` graph walk per iteration.
+    DDP's ignore list (``_set_params_and_buffers_to_ignore_for_model``) fails its second iteration
+    under torch 2.13.
     """
-    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    alpha = module.get_parameter("alpha")
+    alpha.requires_grad_(False)
+    try:
+        return nn.parallel.DistributedDataParallel(module)
+    finally:
+        alpha.requires_grad_(True)
 
 
 def make_split(cfg: Config) -> SearchSplit:
@@ -58,6 +66,7 @@ class StreamSearchData:
     device: torch.device
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pairing: str = "cycle"
 
     @classmethod
     def open(
@@ -93,19 +102,27 @@ class StreamSearchData:
             device,
             tuple(d.mean),
             tuple(d.std),
+            cfg.search.pairing,
         )
 
     def batches(self, epoch: int, phase: str, start: int = 0) -> Iterator[tuple[Batch, Batch]]:
         # Each phase of each epoch reads its own order; equal batch counts on every rank (drop_last).
-        for stream in (self.weights, self.arch):
-            stream.set_epoch(2 * epoch + PHASES.index(phase))
-        ready = (on_device(s, self.device, self.mean, self.std) for s in (self.weights, self.arch))
-        for i, pair in enumerate(zip(*ready)):
+        # Pass p > 0 over the arch split (pairing "cycle") reads its own order, keyed p * 2**32 apart.
+        key = 2 * epoch + PHASES.index(phase)
+        self.weights.set_epoch(key)
+        weights = on_device(self.weights, self.device, self.mean, self.std)
+        arch: Iterator[Batch] = iter(())
+        for i, j, rep in pair_indices(len(self.weights), len(self.arch), self.pairing):
+            if j == 0:
+                self.arch.set_epoch(key + (rep << 32))
+                arch = on_device(self.arch, self.device, self.mean, self.std)
+            pair = next(weights), next(arch)
             if i >= start:
                 yield pair
 
     def eval_batches(self) -> Iterator[Batch]:
-        self.held_out.set_epoch(0)
+        # Unshuffled, so every epoch number reads the same order; a new one restarts after a bounded read.
+        self.held_out.set_epoch(self.held_out.epoch + 1)
         yield from on_device(self.held_out, self.device, self.mean, self.std)
 
 
@@ -176,13 +193,16 @@ def search_worker(task: dict[str, Any]) -> None:
         if not agree:
             raise RuntimeError(f"ranks derived different genotypes at epoch {metrics['epoch']}: {hashes}")
 
+    first = search.global_step
     try:
-        genotype = search.run(data, on_epoch_end=on_epoch_end)
-    except DivergedError as e:  # raised on every rank at the same step (decided by all ranks)
-        reason = f"diverged: {e}"
+        with first_step_fits(device, cfg.data.batch_size // world, lambda: search.global_step == first):
+            genotype = search.run(data, on_epoch_end=on_epoch_end)
+    except (DivergedError, UserError) as e:  # deterministic: divergence (every rank, same step) or no memory
+        diverged = isinstance(e, DivergedError)
+        reason = f"diverged: {e}" if diverged else str(e)
         if logs:
             tracking.finish_run(tracking_ctx, run_id, "FAILED", reason=reason)
-        ray.train.report({"diverged": True, "failure_reason": reason, "epoch": search.epoch})
+        ray.train.report({"diverged": diverged, "failure_reason": reason, "epoch": search.epoch})
         return
     if logs:
         alpha = search.child.alpha.detach().cpu()

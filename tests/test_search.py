@@ -125,5 +125,5 @@ def test_divergence_is_reported() -> None:
     from dcpnas.search import DivergedError
 
     s = DCPNASSearch(tiny_config(parent_lr=float("nan")))
-    with pytest.raises(DivergedError, match="parent loss is not finite \\(nan\\)"):
+    with pytest.raises(DivergedError, match="parent loss is not finite"):
         s.run(tiny_data())

@@ -81,9 +81,13 @@ def _diverge_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(None, ["search.init_channels=4", "search.layers=3"])
     search = DCPNASSearch(cfg.search_config(), wrap=ddp, reduce_mean=all_reduce_mean)
-    loss = torch.tensor(float("nan") if rank == 1 else 1.0)  # only rank 1 sees a bad batch
+    x = torch.randn(4, 3, 8, 8)
+    scale = float("nan") if rank == 1 else 1.0  # only rank 1 sees a bad batch
     try:
-        search._weight_step("parent", search.parent, loss)
+        search._weight_step(
+            "parent", search.parent, search.parent_fwd(x, alpha=search.parent.alpha.detach()).mean() * scale
+        )
+        search.check_finite()  # the loop's periodic check: one all-reduce, every rank raises
         outcome = "no error"
     except DivergedError as e:
         outcome = f"diverged: {e}"
@@ -103,9 +107,9 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path) -> None:
         port = s.getsockname()[1]
     mp.spawn(_diverge_rank, args=(2, port, str(tmp_path)), nprocs=2)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    # both ranks stop at the same step; only the rank that saw the NaN can name its value
-    assert outcomes[0] == "diverged: parent loss is not finite at epoch 0 step 0", outcomes
-    assert outcomes[1] == "diverged: parent loss is not finite (nan) at epoch 0 step 0", outcomes
+    # both ranks stop at the same check
+    expected = "diverged: parent loss is not finite (on some rank, by epoch 0, parent phase step 0)"
+    assert outcomes == [expected, expected], outcomes
 
 
 GRID = "sweep.grid={search.lam: [5.0e-3, 0], search.decoupled: [true, false]}"
