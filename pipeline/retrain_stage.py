@@ -265,6 +265,8 @@ def retrain_worker(task: dict[str, Any]) -> None:
     """
     import ray.train
 
+    from pipeline.progress import every, position
+
     cfg, step = Config.model_validate(task["config"]), Step(**task["step"])
     torch.set_num_threads(max(cfg.threads, 1))
     ctx = ray.train.get_context()
@@ -308,6 +310,7 @@ def retrain_worker(task: dict[str, Any]) -> None:
     mu = cfg.retrain.reconstruction_weight if step.stage == "binary_all" else 0.0
     logged = tracking.logged_steps(task["tracking"], task["run_id"], f"{step.name}/epoch_seconds") if logs else set()
     stop_at = start + task["stop_after"] if task.get("stop_after") else step.epochs
+    steps, units = len(train), len(train) * step.epochs
 
     for epoch in range(start, min(step.epochs, stop_at)):
         lr = cosine_lr(step.lr, cfg.retrain.min_lr, epoch, step.epochs)
@@ -315,7 +318,9 @@ def retrain_worker(task: dict[str, Any]) -> None:
         train.set_epoch(epoch)
         torch.manual_seed(cfg.retrain.seed * 1000 + epoch)
         t0, losses, seen = time.perf_counter(), [], 0
-        for x, y in device_batches(cfg, train, device):
+        for i, (x, y) in enumerate(device_batches(cfg, train, device)):
+            if i and i % every(steps) == 0:  # within-epoch progress (no checkpoint), on every rank together
+                ray.train.report(position(epoch, step.epochs, epoch * steps + i, units, step.name, i, steps))
             probs = None
             if teacher is not None:
                 with torch.no_grad():
@@ -349,7 +354,10 @@ def retrain_worker(task: dict[str, Any]) -> None:
             engine.save(tmp, {"epoch": epoch, "history": history})
             if rank == 0:
                 torch.save(model_file(engine.module), Path(tmp) / MODEL_FILE)
-            ray.train.report({**metrics, "step_losses": losses}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            progress = position(epoch, step.epochs, (epoch + 1) * steps, units, step.name, steps, steps)
+            ray.train.report(
+                {**metrics, "step_losses": losses, **progress}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+            )
 
 
 # ---- the driver side --------------------------------------------------------------------------------------
@@ -366,8 +374,10 @@ def fit_step(
     tracking: Any = None,
     run_id: str | None = None,
     stop_after: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Any:
-    """Run (or resume: same ``name`` + ``storage_path``) one step; returns the Ray Train result."""
+    """Run (or resume: same ``name`` + ``storage_path``) one step; returns the Ray Train result.
+    ``callbacks``: Ray Train callbacks, e.g. :func:`pipeline.ray_progress.train_progress`'s."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -396,6 +406,7 @@ def fit_step(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=0 if stop_after else r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()
@@ -498,6 +509,7 @@ def retrain_genotype(
     resumes from its Ray Train checkpoint. Returns the run id and its final metrics.
     """
     from pipeline import tracking
+    from pipeline.ray_progress import train_progress
     from pipeline.sweep import storage_path
 
     key = retrain_key(cfg)
@@ -526,19 +538,21 @@ def retrain_genotype(
             log(f"retrain {genotype.hash[:12]}: {step.name} ({step.stage}, {step.epochs} epochs)")
             init = _step_model(ctx, run_id, step.init_from, storage) if step.init_from else None
             try:
-                result = fit_step(
-                    cfg,
-                    step,
-                    genotype,
-                    classes,
-                    storage,
-                    step.name,
-                    init=init,
-                    teacher=teacher,
-                    tracking=ctx,
-                    run_id=run_id,
-                    stop_after=stop_after,
-                )
+                with train_progress(f"retrain {genotype.hash[:12]} {step.name}") as shown:
+                    result = fit_step(
+                        cfg,
+                        step,
+                        genotype,
+                        classes,
+                        storage,
+                        step.name,
+                        init=init,
+                        teacher=teacher,
+                        tracking=ctx,
+                        run_id=run_id,
+                        stop_after=stop_after,
+                        callbacks=[shown],
+                    )
             except Exception as e:  # Ray Train raises the workers' error once its retries are spent
                 tracking.finish_run(ctx, run_id, "FAILED", reason=f"{step.name}: {e}"[:4000])
                 raise
