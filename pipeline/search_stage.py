@@ -123,6 +123,7 @@ def search_worker(task: dict[str, Any]) -> None:
     """
     import ray.train
 
+    from pipeline.dashboard import system_metrics
     from pipeline.progress import Ticking, phase_steps, search_position
 
     cfg = Config.model_validate(task["config"])
@@ -185,7 +186,8 @@ def search_worker(task: dict[str, Any]) -> None:
             raise RuntimeError(f"ranks derived different genotypes at epoch {metrics['epoch']}: {hashes}")
 
     try:
-        genotype = search.run(Ticking(data, steps, tick), on_epoch_end=on_epoch_end)
+        with system_metrics(tracking_ctx.uri if logs else "", run_id if logs else None):
+            genotype = search.run(Ticking(data, steps, tick), on_epoch_end=on_epoch_end)
     except DivergedError as e:  # raised on every rank at the same step (decided by all ranks)
         reason = f"diverged: {e}"
         if logs:

@@ -3,7 +3,9 @@ driver killed mid-sweep and run again (every stage's MLflow runs, no duplicates,
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +82,18 @@ def kill_run(proc: subprocess.Popen, marker: str) -> int:
     return len(orphans)
 
 
+def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``cmd`` with stdout and stderr into a pipe (not a terminal); its return code and its lines, each
+    with the time it arrived."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [(time.monotonic(), "")], time.monotonic() + timeout_s
+    for line in proc.stdout:
+        lines.append((time.monotonic(), line.rstrip("\n")))
+        if time.monotonic() > deadline:
+            proc.kill()
+    return proc.wait(), [*lines, (time.monotonic(), "")]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
@@ -122,15 +136,25 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         orphans = kill_run(first, first_marker)
     assert orphans > 0  # the kill left Ray/MLflow processes in other sessions behind, and they were found
     try:
-        done = subprocess.run(
-            cmd, cwd=tmp_path, env={**env, lc.MARKER: second_marker}, capture_output=True, text=True, timeout=1800
-        )
+        rc, lines = run_timed(cmd, tmp_path, {**env, lc.MARKER: second_marker}, timeout_s=1800)
     finally:
         lc.terminate(lc.cluster_processes(second_marker), 2.0)  # ray.shutdown() may leave an agent behind
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "report: " in done.stdout and "MLflow UI: dcpnas ui" in done.stdout
-    assert "resuming Tune experiment" in done.stdout + done.stderr
+    output = "\n".join(line for _, line in lines)
+    assert rc == 0, output[-6000:]
+    assert "report: " in output and "MLflow UI: dcpnas ui" in output
+    assert "resuming Tune experiment" in output
+    # progress as a log gets it (not a terminal): never silent for a minute; every epoch of every trial shown,
+    # in the killed run or this one; the only local link is the one to `dcpnas ui`
+    gaps = [(b[0] - a[0], b[1]) for a, b in itertools.pairwise(lines)]
+    assert max(gaps)[0] < 60, max(gaps)
+    both = (tmp_path / "first.log").read_text() + output
+    for key in (f"seed=0,space={sp}" for sp in ("dcpnas_3x3", "dcpnas_conv")):
+        for epoch in (1, 2):
+            assert re.search(rf"^\[{re.escape(key)}\] epoch {epoch}/2  child (\d+)/\1  child val ", both, re.M), key
+    assert re.search(r"^\[retrain \w{12} step2\] epoch 2/2  step2 (\d+)/\1 .* top-1 [\d.]+  img/s", output, re.M)
+    assert re.findall(r"https?://(?:127\.0\.0\.1|localhost)[:/][^\s)]*", output) == ["http://127.0.0.1:5000"]
+    assert "Downloading artifacts" not in output
 
     from mlflow.tracking import MlflowClient
 
