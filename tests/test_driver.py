@@ -21,6 +21,8 @@ from test_local_cluster import lc
 from pipeline.cli import main
 from pipeline.driver import select
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> dict:
     return {
@@ -58,6 +60,17 @@ def test_dry_run_prints_plan_and_projected_cost(tmp_path, capsys) -> None:
     assert "search cost: 0.0222 core-hours ~ $0.04 at $2/core-hour" in out  # 4 trials x 1 CPU (0.5 + 0.5) x 20 s
     assert "teacher (real, 3 ep), step1 (binary_act, 4 ep), step2 (binary_all, 4 ep)" in out
     assert not (tmp_path / "demo").exists()  # started nothing
+
+
+def test_dry_run_of_a_gpu_config_without_a_gpu_states_its_assumptions(capsys) -> None:
+    assert main(["run", str(ROOT / "configs" / "imagenet-search.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "projected below for a cluster that fits one trial at a time" in out  # not this 2-core machine
+    assert "ASSUMED ILSVRC-2012 train size: s3://YOUR-BUCKET/imagenet not readable here" in out
+    assert "ASSUMED 1 s per step: the config runs on GPUs and this machine has none, so nothing was measured" in out
+    assert "evaluation not projected" in out
+    # 50 epochs x 2 phases x 125 steps (1,281,167 x 0.1 / 1024) x 1 s = 3.47 h per trial; x 8 GPUs x 4 trials
+    assert "search: 3.47 h per trial x 4 trials in 4 wave(s)" in out and "search cost: 111 GPU-hours" in out
 
 
 def test_unreachable_addresses_fail_before_any_compute(tmp_path, capsys, monkeypatch) -> None:
