@@ -145,7 +145,7 @@ def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = pr
     waves = math.ceil(len(p.trials) / p.max_concurrent)
     log(f"train rows: {rows:,} ({source}); steps per phase: {steps:,}; held-out rows: {eval_rows:,}")
     if times.eval_batch is not None:
-        log(f"eval batch: {times.eval_batch:.3f} s")
+        log(f"eval batch: {times.eval_batch:.3f} s; reading a batch pair: {times.load_pair:.3f} s")
     log(
         f"step times: parent {times.parent:.3f} s, child {times.child:.3f} s (warm-up epochs: "
         f"{times.warmup_parent:.3f} s, {times.warmup_child:.3f} s) ({times.how})"

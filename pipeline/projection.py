@@ -3,7 +3,8 @@
 Both phases are timed as a worker runs them: the configured ``threads`` (workers use at least one),
 the per-worker batch, random input of the configured shape, each step warmed up once and then the
 median of ``repeats``; before and after the warm-up epochs (the architecture steps start after them);
-plus one held-out evaluation batch. Data loading is not included. A config that asks for GPUs is not
+plus one held-out evaluation batch; and reading batch pairs as a worker does (for the demo's digits,
+converted into process memory first). A config that asks for GPUs is not
 measured on a machine without one: a CPU step says nothing about a GPU's, so the projection uses a
 stated assumed step time instead.
 """
@@ -31,6 +32,7 @@ class StepTimes:
     warmup_child: float
     eval_batch: float | None  # None: not measured (given or assumed step times)
     how: str
+    load_pair: float = 0.0  # reading one weights + one architecture batch (every step of both phases reads one)
 
     @classmethod
     def given(cls, seconds: float, how: str) -> StepTimes:
@@ -38,7 +40,8 @@ class StepTimes:
 
     def train_seconds(self, steps: int, warmup: bool) -> float:
         """One epoch's two phases of ``steps`` steps each (what a search logs as ``epoch_seconds``)."""
-        return steps * ((self.warmup_parent + self.warmup_child) if warmup else (self.parent + self.child))
+        compute = (self.warmup_parent + self.warmup_child) if warmup else (self.parent + self.child)
+        return steps * (compute + 2 * self.load_pair)
 
 
 def _median(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
@@ -51,6 +54,34 @@ def _median(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> f
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def load_pair_seconds(cfg: Config, repeats: int) -> tuple[float, str]:
+    """Median seconds to read one batch pair as a worker does (``StreamSearchData``: decode, crop, normalise);
+    the demo's digits are converted into process memory first. 0 with the reason when the data is unreadable."""
+    import uuid
+
+    from pipeline.search_stage import StreamSearchData, make_split
+
+    if cfg.data.source == "digits" and not cfg.data.uri:
+        from pipeline.data.convert import Options, convert
+        from pipeline.data.sources import digits
+
+        uri = f"memory://dcpnas-dry-run-{uuid.uuid4().hex}"
+        convert(digits(), uri, Options(workers=1, progress=False))
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"uri": uri, "source": "shards"})})
+    try:
+        data = StreamSearchData.open(cfg, make_split(cfg), world_size=cfg.sweep.workers)
+        pairs = iter(data.batches(0, "parent"))
+        next(pairs)  # warm-up: opening shards
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            next(pairs)
+            times.append(time.perf_counter() - t)
+    except Exception as e:  # unreadable store, too few batches: project without it, and say so
+        return 0.0, f"data loading not included ({cfg.data.uri} not read here: {type(e).__name__})"
+    return statistics.median(times), "data loading included (median of batch pairs read here)"
 
 
 def measure(cfg: Config, repeats: int = 3) -> StepTimes:
@@ -76,6 +107,7 @@ def measure(cfg: Config, repeats: int = 3) -> StepTimes:
             for phase, step in (("parent", search.parent_step), ("child", search.child_step)):
                 times[(warmup, phase)] = _median(lambda step=step: step((x, y), (x, y)), repeats, sync)
         evaluate = _median(lambda: search.evaluate([(x, y)]), repeats, sync)
+        load, loading = load_pair_seconds(cfg, repeats)
     finally:
         torch.set_num_threads(before)
     scale = per_worker / batch
@@ -87,7 +119,8 @@ def measure(cfg: Config, repeats: int = 3) -> StepTimes:
         times[(True, "parent")] * scale,
         times[(True, "child")] * scale,
         evaluate * scale,
-        how + "; data loading not included",
+        f"{how}; {loading}",
+        load,
     )
 
 

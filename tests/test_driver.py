@@ -198,6 +198,16 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
         seed, space = (kv.split("=")[1] for kv in r.data.tags["trial_key"].split(","))
         if f"search-seed{seed}-{space}" in checkpointed:  # resumed from its checkpoint: no epoch run twice
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch")) == [0, 1]
+    # the dry run's projection of the first (warm-up) epoch's training, measured now on this machine, against
+    # the epoch_seconds each trial logged for it (training only, as projected), within ±30 %
+    from pipeline.config import load_config
+    from pipeline.driver import dry_run
+
+    projected = dry_run(load_config(None, sets), None, 0.0, log=lambda *_: None)["first_epoch_train_s"]
+    firsts = [
+        next(m.value for m in client.get_metric_history(r.info.run_id, "epoch_seconds") if m.step == 0) for r in search
+    ]
+    assert all(0.7 <= projected / real <= 1.3 for real in firsts), (projected, firsts)
     (retrain,) = by_stage["retrain"]  # top_k 1
     assert retrain.info.status == "FINISHED" and 0.1 < retrain.data.metrics["top1"] <= 1.0
     assert {"step1/model.pt", "step2/model.pt", "teacher/model.pt"} <= {
@@ -212,7 +222,6 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     assert "report/index.html" in {a.path for a in client.list_artifacts(sweep.info.run_id, "report")}
 
     # the finished sweep run once more: Tune restores the experiment, every trial is found in MLflow, nothing re-runs
-    from pipeline.config import load_config
     from pipeline.sweep import run_sweep
 
     again = run_sweep(load_config(None, sets))
