@@ -90,10 +90,13 @@ class Ticking:
 
 @dataclass
 class _Row:
+    started: float
+    last_line: float  # when this row last printed a line (logs only)
     bar: tqdm | None = None
     first: tuple[float, int] | None = None  # (time, done) of the first report seen here: the ETA's base
-    last_line: float | None = None  # when this row last printed a line (logs only)
+    where: list[str] = field(default_factory=lambda: ["waiting for its first report"])
     metrics: dict[str, float] = field(default_factory=dict)
+    active: bool = True
 
 
 class Board:
@@ -106,19 +109,26 @@ class Board:
         self.rows: dict[str, _Row] = {}
         self.lock = threading.Lock()
 
+    def start(self, name: str) -> None:
+        """A trial started: a line, and a row that :meth:`beat` keeps alive until its first report."""
+        with self.lock:
+            now = time.monotonic()
+            self.rows[name] = _Row(now, now)
+            self._line(name, "started")
+
     def update(self, name: str, result: Mapping[str, Any]) -> None:
         if f"{PREFIX}done" not in result:
-            return  # a trial's closing summary: the caller notes how it ended
+            return  # a trial's closing summary: the caller says how it ended
         with self.lock:
-            row = self.rows.setdefault(name, _Row())
             now, done, total = time.monotonic(), int(result[f"{PREFIX}done"]), int(result[f"{PREFIX}total"])
+            row = self.rows.setdefault(name, _Row(now, now - self.heartbeat_s))
             row.first = row.first or (now, done)
             for k, v in result.items():  # retrain metrics carry their step's name: "step1/top1"
                 label = SHOWN.get(k) or SHOWN.get(k.partition("/")[2])
                 if label and isinstance(v, int | float):
                     row.metrics[label] = float(v)
             epoch_end = result[f"{PREFIX}step"] == result[f"{PREFIX}steps"]
-            parts = [
+            row.where = [
                 f"epoch {int(result[f'{PREFIX}epoch']) + 1}/{result[f'{PREFIX}epochs']}",
                 f"{result[f'{PREFIX}stage']} {result[f'{PREFIX}step']}/{result[f'{PREFIX}steps']}",
                 *(f"{k} {v:.3f}" if v < 100 else f"{k} {v:.0f}" for k, v in row.metrics.items()),
@@ -127,24 +137,42 @@ class Board:
                 if row.bar is None:
                     row.bar = tqdm(total=total, initial=done, desc=name, position=len(self.rows) - 1, file=self.stream)
                 row.bar.n = done
-                row.bar.set_postfix_str("  ".join(parts), refresh=True)
-                return
-            if not epoch_end and row.last_line is not None and now - row.last_line < self.heartbeat_s:
+                row.bar.set_postfix_str("  ".join(row.where), refresh=True)
                 return
             t0, d0 = row.first
             eta = (now - t0) / (done - d0) * (total - done) if done > d0 else None
-            parts += [f"elapsed {tqdm.format_interval(now - t0)}", f"ETA {tqdm.format_interval(eta) if eta else '?'}"]
-            print(f"[{name}] " + "  ".join(parts), file=self.stream, flush=True)
-            row.last_line = now
+            row.where += [
+                f"elapsed {tqdm.format_interval(now - t0)}",
+                f"ETA {tqdm.format_interval(eta) if eta else '?'}",
+            ]
+            if epoch_end or now - row.last_line >= self.heartbeat_s:
+                self._line(name, "  ".join(row.where))
+                row.last_line = now
 
-    def note(self, name: str, text: str) -> None:
-        """A line about trial ``name`` (started, finished, failed), above the bars on a terminal."""
+    def beat(self) -> None:
+        """In a log, a line for every running trial quiet for ``heartbeat_s`` (its last position again)."""
+        if self.tty:
+            return
+        with self.lock:
+            now = time.monotonic()
+            for name, row in self.rows.items():
+                if row.active and now - row.last_line >= self.heartbeat_s:
+                    self._line(name, f"{'  '.join(row.where)}  (running for {tqdm.format_interval(now - row.started)})")
+                    row.last_line = now
+
+    def finish(self, name: str, text: str) -> None:
+        """A trial ended (``text``: finished, failed, ...): its bar closes, a line says how."""
         with self.lock:
             row = self.rows.get(name)
-            if row is not None and row.bar is not None and text != "started":
-                row.bar.close()
-                row.bar = None
-            if self.tty:
-                tqdm.write(f"[{name}] {text}", file=self.stream)
-            else:
-                print(f"[{name}] {text}", file=self.stream, flush=True)
+            if row is not None:
+                row.active = False
+                if row.bar is not None:
+                    row.bar.close()
+                    row.bar = None
+            self._line(name, text)
+
+    def _line(self, name: str, text: str) -> None:
+        if self.tty:
+            tqdm.write(f"[{name}] {text}", file=self.stream)
+        else:
+            print(f"[{name}] {text}", file=self.stream, flush=True)

@@ -6,6 +6,7 @@ forward reports over a Ray queue that a driver thread shows on the :class:`~pipe
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,16 +32,19 @@ class TuneProgress(Callback):
         return {"label": self.label, "board": None}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._board().note(self.label(trial.config), "started")
+        self._board().start(self.label(trial.config))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._board().beat()  # Tune's event loop turns several times a second
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._board().update(self.label(trial.config), result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._board().note(self.label(trial.config), "finished")
+        self._board().finish(self.label(trial.config), "finished")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._board().note(self.label(trial.config), "failed (Tune retries it while sweep.max_failures allows)")
+        self._board().finish(self.label(trial.config), "failed (Tune retries it while sweep.max_failures allows)")
 
     def _board(self) -> Board:
         self.board = self.board or Board()
@@ -72,8 +76,9 @@ def train_progress(name: str, board: Board | None = None) -> Iterator[UserCallba
             try:
                 board.update(name, queue.get(timeout=0.5))
             except Empty:
-                continue
+                board.beat()  # Ray Train's workers start for tens of seconds before the first report
 
+    board.start(name)
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     try:
@@ -82,3 +87,4 @@ def train_progress(name: str, board: Board | None = None) -> Iterator[UserCallba
         stop.set()
         thread.join(timeout=10)
         queue.shutdown()
+        board.finish(name, "finished" if sys.exc_info()[0] is None else "failed")

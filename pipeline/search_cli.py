@@ -73,12 +73,13 @@ def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, 
 
     log(f"search '{cfg.name}' (space {cfg.search.space}, config {cfg.hash[:12]}) -> {out}")
     board, steps, epochs = Board(), phase_steps(data), cfg.search.epochs
+    board.start(cfg.name)
 
     def tick(epoch: int, phase: str, step: int) -> None:
         board.update(cfg.name, search_position(epoch, epochs, steps, phase, step))
 
     search.run(Ticking(data, steps, tick), on_epoch_end=on_epoch_end)
-    board.note(cfg.name, "finished")
+    board.finish(cfg.name, "finished")
     files = save_genotype_artifacts(search.genotype(), out, search.child.alpha.detach(), space=search.space)
     final = search.history[-1] if search.history else {}
     log(f"genotype {search.genotype().hash[:12]} -> {files['genotype']}")

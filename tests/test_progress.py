@@ -23,7 +23,7 @@ def test_a_log_gets_one_line_per_epoch_and_a_heartbeat_within_long_epochs() -> N
     board.update("seed=0", search_position(0, 2, 10, "child", 5))  # within the heartbeat: quiet
     board.update("seed=0", {"child/val_acc": 0.5, "parent/val_acc": 0.75} | search_position(0, 2, 10, "child", 10))
     board.update("seed=0", {"trial_key": "seed=0", "final/child/val_acc": 0.5})  # a closing summary: no line
-    board.note("seed=0", "finished")
+    board.finish("seed=0", "finished")
     lines = out.getvalue().splitlines()
     assert len(lines) == 3, lines
     assert lines[0].startswith("[seed=0] epoch 1/2  parent 5/10  elapsed 00:00  ETA ?")
@@ -35,6 +35,25 @@ def test_a_log_gets_one_line_per_epoch_and_a_heartbeat_within_long_epochs() -> N
     assert out.getvalue().splitlines()[-1].startswith("[r] epoch 2/2  parent 5/10")
 
 
+def test_a_quiet_trial_gets_a_heartbeat_line_until_it_finishes() -> None:
+    out = io.StringIO()
+    board = Board(out, heartbeat_s=0)
+    board.start("retrain teacher")  # workers starting: no report yet
+    board.beat()
+    board.update("retrain teacher", {"teacher/top1": 0.5} | search_position(0, 1, 4, "child", 4))
+    board.beat()
+    board.finish("retrain teacher", "finished")
+    board.beat()  # a finished trial is quiet for good
+    lines = [re.sub(r"\d\d:\d\d", "T", line) for line in out.getvalue().splitlines()]
+    assert lines == [
+        "[retrain teacher] started",
+        "[retrain teacher] waiting for its first report  (running for T)",
+        "[retrain teacher] epoch 1/1  child 4/4  top-1 0.500  elapsed T  ETA ?",
+        "[retrain teacher] epoch 1/1  child 4/4  top-1 0.500  elapsed T  ETA ?  (running for T)",
+        "[retrain teacher] finished",
+    ]
+
+
 def test_a_terminal_gets_a_bar_per_trial_at_its_position() -> None:
     out = Terminal()
     board = Board(out)
@@ -42,7 +61,7 @@ def test_a_terminal_gets_a_bar_per_trial_at_its_position() -> None:
     board.update("b", {"step1/top1": 0.25, "step1/images_per_s": 812.0} | search_position(0, 2, 10, "parent", 1))
     assert board.rows["a"].bar.n == 35 and board.rows["a"].bar.total == 40 and board.rows["a"].bar.pos == 0
     assert "top-1 0.250  img/s 812" in str(board.rows["b"].bar) and board.rows["b"].bar.pos == -1
-    board.note("a", "finished")
+    board.finish("a", "finished")
     assert board.rows["a"].bar is None and "[a] finished" in out.getvalue()
 
 
