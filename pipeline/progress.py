@@ -131,7 +131,7 @@ class Board:
             row.where = [
                 f"epoch {int(result[f'{PREFIX}epoch']) + 1}/{result[f'{PREFIX}epochs']}",
                 f"{result[f'{PREFIX}stage']} {result[f'{PREFIX}step']}/{result[f'{PREFIX}steps']}",
-                *(f"{k} {v:.3f}" if v < 100 else f"{k} {v:.0f}" for k, v in row.metrics.items()),
+                *(f"{k} {v:.3f}" if abs(v) < 10 else f"{k} {v:.0f}" for k, v in row.metrics.items()),
             ]
             if self.tty:
                 if row.bar is None:
