@@ -143,7 +143,7 @@ class Board:
             eta = (now - t0) / (done - d0) * (total - done) if done > d0 else None
             row.where += [
                 f"elapsed {tqdm.format_interval(now - t0)}",
-                f"ETA {tqdm.format_interval(eta) if eta else '?'}",
+                f"ETA {'?' if eta is None else tqdm.format_interval(eta)}",
             ]
             if epoch_end or now - row.last_line >= self.heartbeat_s:
                 self._line(name, "  ".join(row.where))
