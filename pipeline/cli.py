@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# MLflow prints "View run ... at http://127.0.0.1:<port>" for the stage's server, gone when the stage ends,
+# and a progress bar for every artifact read; Tune's new output engine prints an experiment banner and a
+# TensorBoard hint even at verbose=0 (its old one honours verbose=0). The progress board and the closing
+# lines say what matters.
+QUIET = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for k, v in QUIET.items():  # before Ray starts, so its workers inherit them; an explicit setting wins
+        os.environ.setdefault(k, v)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,7 +17,8 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 
 SELECT_METRIC = "final/child/val_acc"  # the 1-bit Child supernet's held-out accuracy at the end of search
-ILSVRC_TRAIN_ROWS = 1_281_167  # projection fallback when the shards' manifest cannot be read here
+ILSVRC_ROWS = {"train": 1_281_167, "val": 50_000}  # projection fallback when the manifest cannot be read here
+DIGITS_ROWS = {"train": 1433, "test": 364}  # the bundled digits' shards
 
 
 def select(trials: list[dict[str, Any]], top_k: int, metric: str = SELECT_METRIC) -> list[dict[str, Any]]:
@@ -113,58 +114,55 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
 
 
 # ---- dry run: the resource plan and a projected cost ----------------------------------------------------------
-def measure_step_seconds(cfg: Config, max_batch: int = 16, repeats: int = 2) -> tuple[float, str]:
-    """Seconds of one DCP-NAS Child step (the costlier phase) at the per-worker batch, measured here at up to
-    ``max_batch`` images and scaled linearly; returns the time and the device it was measured on."""
-    import torch
-
-    from dcpnas.search import DCPNASSearch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    per_worker = cfg.data.batch_size // cfg.sweep.workers
-    batch = min(per_worker, max_batch)
-    search = DCPNASSearch(cfg.search_config(), device=device)
-    size = cfg.data.image_size
-    x = torch.randn(batch, cfg.search.in_channels, size, size, device=device)
-    y = torch.randint(0, cfg.search.num_classes, (batch,), device=device)
-    search.child_step((x, y), (x, y))  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        search.child_step((x, y), (x, y))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats * per_worker / batch, device
-
-
-def _train_rows(cfg: Config) -> tuple[int, str]:
+def _rows(cfg: Config, split: str, assumed: int) -> tuple[int, str]:
     from pipeline.data.shards import open_dataset
 
     try:
-        return open_dataset(cfg.data.uri).split(cfg.data.split).num_rows, "manifest"
+        return open_dataset(cfg.data.uri).split(split).num_rows, "manifest"
     except Exception:  # any unreadable store (no credentials, no network): the stated assumption
-        return ILSVRC_TRAIN_ROWS, "assumed ILSVRC-2012 train size (manifest not readable here)"
+        return assumed, f"ASSUMED ILSVRC-2012 {split} size: {cfg.data.uri} not readable here"
 
 
 def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = print) -> dict[str, Any]:
     """Print the sweep plan, the retrain plan and a projected cost; start nothing."""
+    from pipeline.projection import step_times
+    from pipeline.resources import total
     from pipeline.retrain_stage import plan_steps
-    from pipeline.sweep import _resources_without_compute, plan
+    from pipeline.sweep import _resources_without_compute, plan, trial_bundles
 
-    p = plan(cfg, _resources_without_compute(cfg))
+    try:
+        p = plan(cfg, _resources_without_compute(cfg))
+    except UserError as e:  # e.g. an ImageNet config planned on a laptop: project for the cluster it needs
+        log(f"plan: {e}")
+        p = plan(cfg, total(trial_bundles(cfg.sweep)))
+        log("projected below for a cluster that fits one trial at a time:")
     log(p.describe())
-    rows, source = (1437, "digits") if cfg.data.source == "digits" else _train_rows(cfg)
-    if step_seconds is None:
-        step_seconds, device = measure_step_seconds(cfg)
-        how = f"measured here on {device}, Child step scaled to the per-worker batch"
+    if cfg.data.source == "digits":
+        (rows, source), (eval_rows, _) = (DIGITS_ROWS["train"], "digits"), (DIGITS_ROWS["test"], "digits")
     else:
-        how = "given with --step-seconds"
-    steps = math.floor(rows * cfg.data.weight_fraction / cfg.data.batch_size)
-    # Each epoch runs a Parent and a Child phase; the Child step bounds both (spec §7.2).
-    trial_hours = cfg.search.epochs * 2 * steps * step_seconds / 3600
+        (rows, source), (eval_rows, _) = (
+            _rows(cfg, cfg.data.split, ILSVRC_ROWS["train"]),
+            _rows(cfg, cfg.data.eval_split, ILSVRC_ROWS["val"]),
+        )
+    times = step_times(cfg, step_seconds)
+    d, s = cfg.data, cfg.search
+    steps = math.floor(rows * d.weight_fraction / d.batch_size)
+    eval_s = math.ceil(eval_rows / d.batch_size) * (times.eval_batch or 0.0)
+    first = times.train_seconds(steps, warmup=s.warmup_epochs > 0)
+    epochs = [times.train_seconds(steps, warmup=e < s.warmup_epochs) + eval_s for e in range(s.epochs)]
+    trial_hours = sum(epochs) / 3600
     per_trial, unit = (p.gpus_per_trial, "GPU") if p.gpus_per_trial else (p.cpus_per_trial, "core")
     total = trial_hours * per_trial * len(p.trials)
     waves = math.ceil(len(p.trials) / p.max_concurrent)
-    log(f"train rows: {rows:,} ({source}); steps per phase: {steps:,}; step time {step_seconds:.3f} s ({how})")
+    log(f"train rows: {rows:,} ({source}); steps per phase: {steps:,}; held-out rows: {eval_rows:,}")
+    if times.eval_batch is not None:
+        log(f"eval batch: {times.eval_batch:.3f} s; reading a batch pair: {times.load_pair:.3f} s")
+    log(
+        f"step times: parent {times.parent:.3f} s, child {times.child:.3f} s (warm-up epochs: "
+        f"{times.warmup_parent:.3f} s, {times.warmup_child:.3f} s) ({times.how})"
+    )
+    evaluation = f"{eval_s:.1f} s evaluation" if times.eval_batch is not None else "evaluation not projected"
+    log(f"epoch 1: {first:.1f} s training + {evaluation}")
     log(
         f"search: {trial_hours:.2f} h per trial x {len(p.trials)} trials in {waves} wave(s)"
         f" -> wall {trial_hours * waves:.2f} h"
@@ -177,7 +175,7 @@ def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Any = pr
     if r.top_k or r.genotype:
         chain = ", ".join(f"{st.name} ({st.stage}, {st.epochs} ep)" for st in plan_steps(cfg))
         log(f"retrain: {max(r.top_k, 1 if r.genotype else 0)} genotype(s) x [{chain}] on {r.workers} workers")
-    return {"plan": p, "step_seconds": step_seconds, "search_hours": total}
+    return {"plan": p, "step_times": times, "first_epoch_train_s": first, "search_hours": total}
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

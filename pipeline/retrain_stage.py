@@ -265,6 +265,9 @@ def retrain_worker(task: dict[str, Any]) -> None:
     """
     import ray.train
 
+    from pipeline.dashboard import system_metrics
+    from pipeline.progress import every, position
+
     cfg, step = Config.model_validate(task["config"]), Step(**task["step"])
     torch.set_num_threads(max(cfg.threads, 1))
     ctx = ray.train.get_context()
@@ -308,48 +311,55 @@ def retrain_worker(task: dict[str, Any]) -> None:
     mu = cfg.retrain.reconstruction_weight if step.stage == "binary_all" else 0.0
     logged = tracking.logged_steps(task["tracking"], task["run_id"], f"{step.name}/epoch_seconds") if logs else set()
     stop_at = start + task["stop_after"] if task.get("stop_after") else step.epochs
+    steps, units = len(train), len(train) * step.epochs
 
-    for epoch in range(start, min(step.epochs, stop_at)):
-        lr = cosine_lr(step.lr, cfg.retrain.min_lr, epoch, step.epochs)
-        engine.set_lr(lr)
-        train.set_epoch(epoch)
-        torch.manual_seed(cfg.retrain.seed * 1000 + epoch)
-        t0, losses, seen = time.perf_counter(), [], 0
-        for x, y in device_batches(cfg, train, device):
-            probs = None
-            if teacher is not None:
-                with torch.no_grad():
-                    probs = torch.softmax(teacher(x).float(), dim=-1)
-            loss = _loss(engine(x), y, probs, cfg.retrain.label_weight, engine.module, mu)
-            engine.backward_step(loss)
-            losses.append(loss.item())
-            seen += len(y)
-        seconds = time.perf_counter() - t0
-        metrics = {
-            f"{step.name}/{k}": v
-            for k, v in evaluate(engine.module, device_batches(cfg, held_out, device), device).items()
-        }
-        mean_loss = all_reduce_sum(torch.tensor([sum(losses), len(losses), seen], dtype=torch.float64))
-        metrics.update(
-            {
-                "epoch": epoch,
-                f"{step.name}/loss": mean_loss[0].item() / max(mean_loss[1].item(), 1),
-                f"{step.name}/lr": lr,
-                f"{step.name}/images_per_s": mean_loss[2].item() / seconds,
-                f"{step.name}/epoch_seconds": seconds,
+    with system_metrics(task["tracking"].uri if logs else "", task["run_id"] if logs else None):
+        for epoch in range(start, min(step.epochs, stop_at)):
+            lr = cosine_lr(step.lr, cfg.retrain.min_lr, epoch, step.epochs)
+            engine.set_lr(lr)
+            train.set_epoch(epoch)
+            torch.manual_seed(cfg.retrain.seed * 1000 + epoch)
+            t0, losses, seen = time.perf_counter(), [], 0
+            for i, (x, y) in enumerate(device_batches(cfg, train, device)):
+                if i and i % every(steps) == 0:  # within-epoch progress (no checkpoint), on every rank together
+                    ray.train.report(position(epoch, step.epochs, epoch * steps + i, units, step.name, i, steps))
+                probs = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        probs = torch.softmax(teacher(x).float(), dim=-1)
+                loss = _loss(engine(x), y, probs, cfg.retrain.label_weight, engine.module, mu)
+                engine.backward_step(loss)
+                losses.append(loss.item())
+                seen += len(y)
+            seconds = time.perf_counter() - t0
+            metrics = {
+                f"{step.name}/{k}": v
+                for k, v in evaluate(engine.module, device_batches(cfg, held_out, device), device).items()
             }
-        )
-        before = history[-1][f"{step.name}/train_seconds"] if history else 0.0
-        metrics[f"{step.name}/train_seconds"] = before + seconds
-        history.append(metrics)
-        if logs and epoch not in logged:  # an epoch re-run after a restart is logged once
-            tracking.log_epoch(task["tracking"], task["run_id"], metrics, step=epoch)
-        # 3. report: metrics and a checkpoint with every rank's state (DeepSpeed: one ZeRO shard per rank)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save(tmp, {"epoch": epoch, "history": history})
-            if rank == 0:
-                torch.save(model_file(engine.module), Path(tmp) / MODEL_FILE)
-            ray.train.report({**metrics, "step_losses": losses}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            mean_loss = all_reduce_sum(torch.tensor([sum(losses), len(losses), seen], dtype=torch.float64))
+            metrics.update(
+                {
+                    "epoch": epoch,
+                    f"{step.name}/loss": mean_loss[0].item() / max(mean_loss[1].item(), 1),
+                    f"{step.name}/lr": lr,
+                    f"{step.name}/images_per_s": mean_loss[2].item() / seconds,
+                    f"{step.name}/epoch_seconds": seconds,
+                }
+            )
+            before = history[-1][f"{step.name}/train_seconds"] if history else 0.0
+            metrics[f"{step.name}/train_seconds"] = before + seconds
+            history.append(metrics)
+            if logs and epoch not in logged:  # an epoch re-run after a restart is logged once
+                tracking.log_epoch(task["tracking"], task["run_id"], metrics, step=epoch)
+            # 3. report: metrics and a checkpoint with every rank's state (DeepSpeed: one ZeRO shard per rank)
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save(tmp, {"epoch": epoch, "history": history})
+                if rank == 0:
+                    torch.save(model_file(engine.module), Path(tmp) / MODEL_FILE)
+                progress = position(epoch, step.epochs, (epoch + 1) * steps, units, step.name, steps, steps)
+                ray.train.report(
+                    {**metrics, "step_losses": losses, **progress}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+                )
 
 
 # ---- the driver side --------------------------------------------------------------------------------------
@@ -366,8 +376,10 @@ def fit_step(
     tracking: Any = None,
     run_id: str | None = None,
     stop_after: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Any:
-    """Run (or resume: same ``name`` + ``storage_path``) one step; returns the Ray Train result."""
+    """Run (or resume: same ``name`` + ``storage_path``) one step; returns the Ray Train result.
+    ``callbacks``: Ray Train callbacks, e.g. :func:`pipeline.ray_progress.train_progress`'s."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -396,6 +408,7 @@ def fit_step(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=0 if stop_after else r.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
     )
     return trainer.fit()
@@ -500,6 +513,7 @@ def retrain_genotype(
     checkpoint. Returns the run id and its final metrics.
     """
     from pipeline import tracking
+    from pipeline.ray_progress import train_progress
     from pipeline.sweep import storage_path
 
     recipe = retrain_key(cfg)
@@ -529,19 +543,21 @@ def retrain_genotype(
             log(f"retrain {genotype.hash[:12]}: {step.name} ({step.stage}, {step.epochs} epochs)")
             init = _step_model(ctx, run_id, step.init_from, storage) if step.init_from else None
             try:
-                result = fit_step(
-                    cfg,
-                    step,
-                    genotype,
-                    classes,
-                    storage,
-                    step.name,
-                    init=init,
-                    teacher=teacher,
-                    tracking=ctx,
-                    run_id=run_id,
-                    stop_after=stop_after,
-                )
+                with train_progress(f"retrain {genotype.hash[:12]} {step.name}") as shown:
+                    result = fit_step(
+                        cfg,
+                        step,
+                        genotype,
+                        classes,
+                        storage,
+                        step.name,
+                        init=init,
+                        teacher=teacher,
+                        tracking=ctx,
+                        run_id=run_id,
+                        stop_after=stop_after,
+                        callbacks=[shown],
+                    )
             except Exception as e:  # Ray Train raises the workers' error once its retries are spent
                 tracking.finish_run(ctx, run_id, "FAILED", reason=f"{step.name}: {e}"[:4000])
                 raise
@@ -566,6 +582,8 @@ def retrain_genotype(
     run = tracking.get_run(ctx, run_id)
     eval_id = log_eval_run(ctx, run, metrics, f"eval:{cfg.data.eval_split}")
     tracking.finish_run(ctx, run_id, "FINISHED")
+    # the search run's row in the comparison view carries its genotype's retrained result
+    tracking.log_epoch(ctx, parent_run_id, {"retrain/top1": metrics["top1"], "retrain/ops": metrics["ops"]}, step=0)
     return {"run_id": run_id, "eval_run_id": eval_id, "genotype_hash": genotype.hash, **metrics}
 
 

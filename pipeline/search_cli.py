@@ -42,6 +42,7 @@ def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, 
     from dcpnas.search import DCPNASSearch
     from dcpnas.visualize import save_genotype_artifacts
     from pipeline.config import save_resolved
+    from pipeline.progress import Board, Ticking, phase_steps, search_position
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -69,14 +70,17 @@ def run_search(cfg: Config, resume: bool = True, log: Any = print) -> dict[str, 
         with open(alphas, "a") as f:
             f.write(json.dumps({"epoch": metrics["epoch"], "alpha": s.child.alpha.detach().tolist()}) + "\n")
         save_checkpoint(s.state_dict(), ckpt)
-        log(
-            f"epoch {metrics['epoch'] + 1}/{s.cfg.epochs}  parent val {metrics['parent/val_acc']:.3f}  "
-            f"child val {metrics['child/val_acc']:.3f}  D {metrics.get('child/discrepancy', 0.0):.3g}  "
-            f"skips {metrics['skip_normal']}  {metrics['epoch_seconds']:.1f}s"
-        )
+        board.update(cfg.name, metrics | search_position(metrics["epoch"], epochs, steps, "child", steps))
 
     log(f"search '{cfg.name}' (space {cfg.search.space}, config {cfg.hash[:12]}) -> {out}")
-    search.run(data, on_epoch_end=on_epoch_end)
+    board, steps, epochs = Board(), phase_steps(data), cfg.search.epochs
+    board.start(cfg.name)
+
+    def tick(epoch: int, phase: str, step: int) -> None:
+        board.update(cfg.name, search_position(epoch, epochs, steps, phase, step))
+
+    search.run(Ticking(data, steps, tick), on_epoch_end=on_epoch_end)
+    board.finish(cfg.name, "finished")
     files = save_genotype_artifacts(search.genotype(), out, search.child.alpha.detach(), space=search.space)
     final = search.history[-1] if search.history else {}
     log(f"genotype {search.genotype().hash[:12]} -> {files['genotype']}")

@@ -140,6 +140,9 @@ def search_worker(task: dict[str, Any]) -> None:
     """
     import ray.train
 
+    from pipeline.dashboard import system_metrics
+    from pipeline.progress import Ticking, phase_steps, search_position
+
     cfg = Config.model_validate(task["config"])
     torch.set_num_threads(max(cfg.threads, 1))
     ctx = ray.train.get_context()
@@ -161,6 +164,11 @@ def search_worker(task: dict[str, Any]) -> None:
         reduce_mean=all_reduce_mean if distributed else None,
         device=device,
     )
+    steps, epochs = phase_steps(data), cfg.search.epochs
+
+    def tick(epoch: int, phase: str, step: int) -> None:  # within-epoch progress (no checkpoint)
+        ray.train.report(search_position(epoch, epochs, steps, phase, step))
+
     alpha_history: list[Tensor] = []
     logged = tracking.logged_steps(tracking_ctx, run_id, "epoch") if logs else set()
     checkpoint = ray.train.get_checkpoint()
@@ -177,6 +185,7 @@ def search_worker(task: dict[str, Any]) -> None:
             dist.all_gather_object(hashes, metrics["genotype_hash"])
         agree = not distributed or len(set(hashes)) == 1
         payload = {**numeric(metrics), "genotype_hash": metrics["genotype_hash"], "ranks_agree": agree}
+        progress = search_position(int(metrics["epoch"]), epochs, steps, "child", steps)
         if tracked:
             alpha_history.append(s.child.alpha.detach().to("cpu", copy=True))
         if logs and int(metrics["epoch"]) not in logged:
@@ -189,14 +198,17 @@ def search_worker(task: dict[str, Any]) -> None:
                 if tracked:
                     torch.save(torch.stack(alpha_history), Path(tmp) / ALPHA_HISTORY_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(payload, checkpoint=ckpt)
+            ray.train.report(payload | progress, checkpoint=ckpt)
         if not agree:
             raise RuntimeError(f"ranks derived different genotypes at epoch {metrics['epoch']}: {hashes}")
 
     first = search.global_step
     try:
-        with first_step_fits(device, cfg.data.batch_size // world, lambda: search.global_step == first):
-            genotype = search.run(data, on_epoch_end=on_epoch_end)
+        with (
+            first_step_fits(device, cfg.data.batch_size // world, lambda: search.global_step == first),
+            system_metrics(tracking_ctx.uri if logs else "", run_id if logs else None),
+        ):
+            genotype = search.run(Ticking(data, steps, tick), on_epoch_end=on_epoch_end)
     except (DivergedError, UserError) as e:  # deterministic: divergence (every rank, same step) or no memory
         diverged = isinstance(e, DivergedError)
         reason = f"diverged: {e}" if diverged else str(e)

@@ -287,10 +287,17 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
             ray.shutdown()
 
 
+def trial_label(params: dict[str, Any]) -> str:
+    """A Tune trial's name on the progress board: its trial key."""
+    return Trial(int(params["seed"]), str(params["space"])).key
+
+
 def _tune(
     cfg: Config, p: Plan, ctx: Any, parent: str, split_uri: str, split_sha: str, storage: str, log: Any
 ) -> list[dict[str, Any]]:
     from ray import tune
+
+    from pipeline.ray_progress import TuneProgress
 
     run = {
         "tracking": ctx,
@@ -320,7 +327,8 @@ def _tune(
                 name=name,
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                verbose=0,
+                verbose=0,  # Tune's tables replaced by one progress row per trial
+                callbacks=[TuneProgress(trial_label)],
             ),
         )
     grid = tuner.fit()

@@ -40,6 +40,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import dashboard
 from pipeline.errors import UserError
 from pipeline.retry import display_uri, retrying
 from pipeline.tracking_server import enable_wal, local_server
@@ -196,6 +197,7 @@ def _experiment(uri: str, name: str, artifact_location: str | None) -> TrackingC
             f"experiment '{name}' at {display_uri(uri)} is deleted; restore it "
             f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or purge it (mlflow gc)"
         )
+    dashboard.configure(client, exp.experiment_id, exp.tags)  # the UI opens it on the runs comparison
     return TrackingContext(uri, exp.experiment_id, name, exp.artifact_location)
 
 

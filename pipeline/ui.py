@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 from pipeline.errors import UserError
 
 HEALTH_EVERY_S = 5.0
+PORT_TRIES = 20  # a busy --port: the next free one of these
 HEALTH_FAILURES = 3  # consecutive failed checks before the server counts as gone (a loaded machine is slow)
 
 
@@ -55,16 +57,40 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _experiment_url(url: str, experiment: str) -> str:
+def _experiment_id(uri: str, experiment: str) -> str:
+    """The experiment to open, made to open on the runs comparison; ``UserError`` when it has no runs."""
     from mlflow.tracking import MlflowClient
 
-    exp = MlflowClient(tracking_uri=url).get_experiment_by_name(experiment)
-    return f"{url}/#/experiments/{exp.experiment_id}" if exp else f"{url} (no experiment '{experiment}' yet)"
+    from pipeline import dashboard, tracking
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or not client.search_runs([exp.experiment_id], max_results=1):
+        raise UserError(
+            f"experiment '{experiment}' at {tracking.display_uri(uri)} has no runs yet: make some with "
+            "`dcpnas run` (the demo) or `dcpnas sweep` with this config, then run `dcpnas ui` again"
+        )
+    dashboard.configure(client, exp.experiment_id, exp.tags)  # experiments made before the view existed
+    return exp.experiment_id
+
+
+def free_port(host: str, port: int, tries: int = PORT_TRIES) -> int:
+    """``port`` or, when it is taken, the next free one of ``tries`` (0: any free port)."""
+    for p in [port] if port == 0 else range(port, port + tries):
+        with socket.socket() as s:
+            try:
+                s.bind((host, p))
+            except OSError:
+                continue
+            if p != port:
+                print(f"port {port} is in use; serving on {p}", flush=True)
+            return s.getsockname()[1]
+    raise UserError(f"ports {port}-{port + tries - 1} on {host} are all in use: pass --port with a free one")
 
 
 def serve(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> None:
     """Serve the UI for ``uri`` until interrupted (Ctrl-C or SIGTERM); ``UserError`` if the server dies."""
-    from pipeline import tracking
+    from pipeline import dashboard, tracking
 
     if urlsplit(uri).scheme in ("http", "https"):
         print(f"{tracking.display_uri(uri)} is an MLflow server: open it in a browser", flush=True)
@@ -74,10 +100,11 @@ def serve(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) 
     if not _is_loopback(host):
         print(f"warning: binding {host}: the MLflow UI has no authentication", file=sys.stderr, flush=True)
     artifacts = tracking.artifacts_dir(uri)
+    experiment_id = _experiment_id(uri, experiment)
     with _sigterm_as_interrupt():
         try:
-            with tracking.local_server(uri, artifacts, host, port) as url:
-                print(f"MLflow UI: {_experiment_url(url, experiment)}", flush=True)
+            with tracking.local_server(uri, artifacts, host, free_port(host, port)) as url:
+                print(f"MLflow UI: {dashboard.experiment_url(url, experiment_id)}", flush=True)
                 print("press Ctrl-C to stop", flush=True)
                 failures = 0
                 while failures < HEALTH_FAILURES:
@@ -105,5 +132,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI for the config's tracking store (loopback by default)")
     add_config_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; others get a warning)")
-    p.add_argument("--port", type=int, default=5000, help="port (0: any free one)")
+    p.add_argument("--port", type=int, default=5000, help="port (taken: the next free one; 0: any free one)")
     p.set_defaults(func=_cmd_ui)

@@ -224,11 +224,12 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert "train: 18 rows in" in capsys.readouterr().out
     assert run_cli("data", "inspect", out) == 0
     text = capsys.readouterr().out
-    assert "n01443537                        8         1" in text
+    assert "n01443537 class n01443537          8         1" in text  # the devkit's words name the class
     assert f"skipped [train] {CLASSES[1]}/truncated.JPEG" in text and "checksums: all" in text
     assert run_cli("data", "inspect", out, "--json", "--no-verify") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["val"]["class_counts"] == [2, 1, 2] and report["classes"] == CLASSES
+    assert report["class_names"] == [f"class {c}" for c in CLASSES]
 
     shard = next((tmp_path / "out" / "train").glob("*.parquet"))
     data = bytearray(shard.read_bytes())
@@ -285,3 +286,18 @@ def test_fashion_mnist_bad_files_are_named(tmp_path):
     write_idx(src / "train-labels-idx1-ubyte", labels + 10)
     with pytest.raises(UserError, match="train-labels-idx1-ubyte: label 19 is not a Fashion-MNIST class"):
         fashion_mnist(str(src))
+
+
+def test_imagenet_class_names_from_the_synset_mapping(tmp_path, capsys):
+    src = imagenet_tree(tmp_path / "src", "folder")
+    mapping = f"{CLASSES[2]} American lobster, Homarus americanus\n\n{CLASSES[0]} tench, Tinca tinca\n"
+    (src / "LOC_synset_mapping.txt").write_text(mapping)  # CLASSES[1] left out: no name, still its wnid
+    out = f"file://{tmp_path}/out"
+    manifest = convert(imagenet(str(src)), out, SMALL)
+    assert manifest.classes == CLASSES  # ids stay the sorted wnids
+    assert manifest.class_names == ["tench, Tinca tinca", "", "American lobster, Homarus americanus"]
+    assert open_dataset(out).manifest.class_names == manifest.class_names
+    assert run_cli("data", "inspect", out, "--no-verify") == 0
+    text = capsys.readouterr().out
+    assert f"{CLASSES[0]} tench, Tinca tinca " in text and f"{CLASSES[2]} American lobster, Homarus americanus" in text
+    assert convert(imagefolder(str(src)), f"file://{tmp_path}/plain", SMALL).class_names == []  # no names known

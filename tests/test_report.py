@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -91,6 +93,7 @@ def _retrain(ctx: tracking.TrackingContext, search_run: str, seed: int, top1: fl
         tracking.log_epoch(ctx, run, {**curves, "step2/top5": 0.9, "step1/loss": 1.0, "step2/loss": 0.8}, step=epoch)
     final = {"top1": top1, "top5": 0.99, "params": 3.3e6, "binary_params": 3.0e6, "flops": 5e7, "bops": 3.2e9}
     tracking.log_epoch(ctx, run, {**final, "ops": ops, "memory_mbit": 4.5}, step=2)
+    tracking.log_epoch(ctx, search_run, {"retrain/top1": top1, "retrain/ops": ops}, step=0)  # as retrain_genotype
     return run
 
 
@@ -299,7 +302,9 @@ def test_ui_serves_the_store_on_loopback_and_stops_its_process_group(store: dict
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.5)
         url = next(line for line in lines if "MLflow UI:" in line).split()[-1]
-        assert url == f"http://127.0.0.1:{port}/#/experiments/{store['ctx'].experiment_id}"
+        assert (
+            url == f"http://127.0.0.1:{port}/#/experiments/{store['ctx'].experiment_id}/runs?viewStateShareKey=dcpnas"
+        )
         body = json.dumps({"experiment_ids": [store["ctx"].experiment_id], "max_results": 1000}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search", body, {"Content-Type": "application/json"}
@@ -320,3 +325,49 @@ def test_ui_serves_the_store_on_loopback_and_stops_its_process_group(store: dict
     assert not alive
     with socket.socket() as s, pytest.raises(OSError):
         s.connect(("127.0.0.1", port))
+
+
+def test_ui_refuses_a_store_without_runs_and_skips_a_busy_port(tmp_path, capsys) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare(uri, "empty")
+    assert main(["ui", "--set", f"tracking.uri={uri}", "--set", "name=empty"]) == 2
+    assert "experiment 'empty' at" in (err := capsys.readouterr().err) and "has no runs yet" in err
+    assert "`dcpnas run`" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        assert taken < ui.free_port("127.0.0.1", taken) <= taken + ui.PORT_TRIES
+        assert f"port {taken} is in use; serving on" in capsys.readouterr().out
+        with pytest.raises(UserError, match=rf"ports {taken}-{taken} on 127.0.0.1 are all in use"):
+            ui.free_port("127.0.0.1", taken, tries=1)
+
+
+CHROMIUM = next((p for p in ("chromium", "chromium-browser", "google-chrome") if shutil.which(p)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (.ci/run installs Debian's chromium)")
+def test_ui_opens_on_the_runs_comparison_in_chromium(store: dict[str, Any], tmp_path) -> None:
+    """What a person sees: the page `dcpnas ui` prints, rendered by headless Chromium, is the runs table
+    with the comparison's columns and the trial runs as rows (screenshot: docs/img/ui-runs.png)."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pipeline.cli", "ui", "--set", f"tracking.uri={store['uri']}"]
+    cmd += ["--set", f"name={EXPERIMENT}", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = next(line for line in proc.stdout if line.startswith("MLflow UI:")).split()[-1]
+        browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,900"]
+        browser += ["--virtual-time-budget=30000", f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        shot = tmp_path / "ui-runs.png"
+        subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(120)
+    text = re.sub(r"<[^>]+>", " ", dom)
+    for column in ("space", "seed", "genotype_hash", "child/val_acc", "retrain/top1", "retrain/ops"):
+        assert column in text, column
+    assert "seed=0,space=darts" in text and "seed=1,space=dcpnas" in text  # trial runs are rows
+    assert shot.read_bytes().startswith(PNG_MAGIC)
+    if os.environ.get("DCPNAS_UI_SCREENSHOT"):  # docs/img/ui-runs.png is made with this
+        shutil.copy(shot, os.environ["DCPNAS_UI_SCREENSHOT"])

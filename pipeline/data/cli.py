@@ -90,7 +90,8 @@ def _inspect(args: argparse.Namespace) -> int:
         splits = {
             n: {"rows": s.num_rows, "bytes": sum(x.size for x in s.shards), **vars(s)} for n, s in m.splits.items()
         }
-        report = {"uri": args.uri, "verified": args.verify, "classes": m.classes, "source": m.source, "splits": splits}
+        report = {"uri": args.uri, "verified": args.verify, "classes": m.classes, "class_names": m.class_names}
+        report |= {"source": m.source, "splits": splits}
         print(json.dumps(report, default=vars, indent=1))
         return 0
     print(f"{args.uri}: schema {m.schema_version}, {len(m.classes)} classes, source {m.source.get('format', '?')}")
@@ -100,10 +101,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{n:<10}{s.num_rows:>10}{len(s.shards):>8}{mb:>10.1f}{len(s.skipped):>9}{len(s.normalized):>11}")
     names = list(m.splits)
     if len(m.classes) <= 50:
-        print(f"\n{'class':<24}" + "".join(f"{n:>10}" for n in names))
-        for c, cls in enumerate(m.classes):
-            print(f"{cls[:23]:<24}" + "".join(f"{m.splits[n].class_counts[c]:>10}" for n in names))
+        labels = [f"{c} {n}" if n else c for c, n in zip(m.classes, m.class_names or [""] * len(m.classes))]
+        width = max(24, *(len(x[:47]) + 1 for x in labels))
+        print(f"\n{'class':<{width}}" + "".join(f"{n:>10}" for n in names))
+        for c, label in enumerate(labels):
+            print(f"{label[:47]:<{width}}" + "".join(f"{m.splits[n].class_counts[c]:>10}" for n in names))
     else:
+        if m.class_names:
+            print(f"class names: {sum(map(bool, m.class_names))} of {len(m.classes)} (all: --json)")
         for n in names:
             counts = m.splits[n].class_counts
             print(f"{n}: per class min {min(counts)}, max {max(counts)} (all counts: --json)")

@@ -218,7 +218,7 @@ def convert(source: Source, out: str, opts: Options = Options()) -> Manifest:
             bar.update(len(task.keys))
     options = {k: v for k, v in asdict(opts).items() if k not in ("workers", "progress")}
     provenance = {**source.info, "options": options, "plan_sha256": plan}
-    manifest = Manifest(classes=source.classes, splits={}, source=provenance)
+    manifest = Manifest(classes=source.classes, splits={}, source=provenance, class_names=source.class_names)
     for t in tasks:
         r = records[(t.split, t.index)]
         info = manifest.splits.setdefault(t.split, SplitInfo([], [0] * len(source.classes)))

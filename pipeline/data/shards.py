@@ -82,6 +82,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     source: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    class_names: list[str] = field(default_factory=list)  # human-readable names by id (e.g. ImageNet's words)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -106,7 +107,8 @@ class Manifest:
                 name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
                 for name, s in d["splits"].items()
             }
-            return cls(classes=list(d["classes"]), splits=splits, source=d.get("source", {}), schema_version=version)
+            names = list(d.get("class_names", []))
+            return cls(list(d["classes"]), splits, d.get("source", {}), version, names)
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"malformed manifest {where}: {e!r}") from e
 

@@ -45,6 +45,7 @@ class Source:
     splits: dict[str, Inputs]
     fs: fsspec.AbstractFileSystem | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # human-readable, by class id; [] when unknown
 
 
 def _subdirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -140,8 +141,32 @@ def _flat_val(fs: fsspec.AbstractFileSystem, val: str, classes: list[str], label
     return _inputs(val, files, [index[wnids[posixpath.splitext(posixpath.basename(p))[0]]] for p, _ in files])
 
 
+SYNSET_MAPPING = "LOC_synset_mapping.txt"  # Kaggle's ILSVRC: "n01440764 tench, Tinca tinca" per line
+
+
+def synset_names(fs: fsspec.AbstractFileSystem, root: str, classes: list[str]) -> list[str]:
+    """The words of each wnid in ``classes``, from ``root/LOC_synset_mapping.txt`` or the devkit's ``meta.mat``
+    (``[]`` when neither is there; a wnid neither names gets ``""``)."""
+    mapping, meta = f"{root}/{SYNSET_MAPPING}", f"{root}/ILSVRC2012_devkit_t12/data/meta.mat"
+    try:
+        if fs.exists(mapping):
+            lines = fs.cat_file(mapping).decode().splitlines()
+            words = dict(line.strip().partition(" ")[::2] for line in lines if line.strip())
+        elif fs.exists(meta):
+            from scipy.io import loadmat
+
+            synsets = loadmat(io.BytesIO(fs.cat_file(meta)), squeeze_me=True)["synsets"]
+            words = {str(s["WNID"]): str(s["words"]) for s in synsets}
+        else:
+            return []
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"cannot read ImageNet class names under {root}: {type(e).__name__}: {e}") from e
+    return [words.get(c, "") for c in classes]
+
+
 def imagenet(src: str, val_labels: str | None = None) -> Source:
-    """ILSVRC-2012: ``train/<wnid>/*.JPEG``; ``val/`` foldered by wnid, or flat with a label file.
+    """ILSVRC-2012: ``train/<wnid>/*.JPEG``; ``val/`` foldered by wnid, or flat with a label file. Class ids
+    are the sorted wnids; their names come from ``LOC_synset_mapping.txt`` or the devkit when present.
 
     For a flat val/ the labels come from ``val_labels`` or, if not given, ``src/LOC_val_solution.csv`` or
     the devkit at ``src/ILSVRC2012_devkit_t12``.
@@ -164,7 +189,8 @@ def imagenet(src: str, val_labels: str | None = None) -> Source:
                 "(LOC_val_solution.csv or the ILSVRC2012_devkit_t12 folder)"
             )
         splits["val"] = _flat_val(fs, val, classes, val_labels)
-    return Source(classes, splits, fs, {"format": "imagenet", "src": src, "val_labels": val_labels})
+    info = {"format": "imagenet", "src": src, "val_labels": val_labels}
+    return Source(classes, splits, fs, info, synset_names(fs, root, classes))
 
 
 class _ArrayUnpickler(pickle.Unpickler):
