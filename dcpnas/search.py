@@ -39,8 +39,12 @@ def pair_indices(n_weights: int, n_arch: int, pairing: str) -> Iterator[tuple[in
     ``cycle`` (PC-DARTS): every weight batch once, the architecture batches repeated from the
     start when used up (pass 1, 2, ...); ``min``: as ``zip``, as many steps as the shorter split.
     """
-    steps = min(n_weights, n_arch) if pairing == "min" else n_weights
-    return ((i, i % n_arch, i // n_arch) for i in range(steps))
+    return ((i, i % n_arch, i // n_arch) for i in range(phase_steps(n_weights, n_arch, pairing)))
+
+
+def phase_steps(n_weights: int, n_arch: int, pairing: str) -> int:
+    """Steps of one phase: every weight batch (``cycle``) or as many as the shorter split (``min``)."""
+    return min(n_weights, n_arch) if pairing == "min" else n_weights
 
 
 @dataclass
@@ -154,6 +158,11 @@ class TensorSearchData:
             raise ValueError(f"batch size {batch_size} exceeds the smaller search split")
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing '{pairing}' is not one of {', '.join(PAIRINGS)}")
+
+    @property
+    def steps(self) -> int:
+        """Paired steps per phase under this pairing."""
+        return phase_steps(self.n_w, self.n_a, self.pairing)
 
     def _order(self, n: int, epoch: int, phase: str, split: int, rep: int = 0) -> Tensor:
         key = (self.seed, epoch, PHASES.index(phase), split) + ((rep,) if rep else ())

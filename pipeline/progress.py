@@ -58,8 +58,10 @@ def search_position(epoch: int, epochs: int, steps: int, phase: str, step: int) 
 
 
 def phase_steps(data: Any) -> int:
-    """Batches per search phase: ``TensorSearchData.steps``, or the shorter of a stream pair."""
-    return getattr(data, "steps", None) or min(len(data.weights), len(data.arch))
+    """Paired steps per search phase under the data's pairing (in memory or shard streams)."""
+    from dcpnas.search import phase_steps as steps_of
+
+    return getattr(data, "steps", None) or steps_of(len(data.weights), len(data.arch), data.pairing)
 
 
 def every(steps: int) -> int:
