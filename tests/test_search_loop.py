@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -165,6 +166,7 @@ def run_alphas(**overrides) -> tuple[torch.Tensor, dict[str, float]]:
     return s.child.alpha.detach().clone(), s.history[-1]
 
 
+@pytest.mark.slow
 def test_decoupled_backtracking_acts_with_the_default_rule_and_not_with_the_spec_rule() -> None:
     off, _ = run_alphas(decoupled=False)
     on, m_on = run_alphas()
