@@ -11,6 +11,7 @@ See docs/search.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -287,9 +288,9 @@ def run_sweep(cfg: Config, log: Any = print) -> list[dict[str, Any]]:
             ray.shutdown()
 
 
-def trial_label(params: dict[str, Any]) -> str:
-    """A Tune trial's name on the progress board: its trial key."""
-    return Trial(int(params["seed"]), str(params["space"])).key
+def trial_label(cfg: Config, params: dict[str, Any]) -> str:
+    """A Tune trial's name on the progress board: its trial key (overrides included)."""
+    return _trial(cfg, params).key
 
 
 def _tune(
@@ -328,7 +329,7 @@ def _tune(
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 verbose=0,  # Tune's tables replaced by one progress row per trial
-                callbacks=[TuneProgress(trial_label)],
+                callbacks=[TuneProgress(functools.partial(trial_label, cfg))],
             ),
         )
     grid = tuner.fit()
