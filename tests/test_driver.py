@@ -169,10 +169,11 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     gap, at = max((b[0] - a[0], i) for i, (a, b) in enumerate(itertools.pairwise(lines)))
     assert gap < 60, (gap, [line for _, line in lines[max(at - 3, 0) : at + 2]])
     train_names = {t.key: t.train_name for t in plan(load_config(None, sets), {"CPU": 2}).trials}
-    for key, train in train_names.items():  # a trial resumed from its epoch-1 checkpoint runs epoch 2 only
-        for epoch in (2,) if train in checkpointed else (1, 2):
-            line = rf"^\[{re.escape(key)}\] epoch {epoch}/2  child (\d+)/\1  parent val [\d.]+  child val "
-            assert re.search(line, output, re.M), (key, epoch)
+    # every trial runs epoch 2 here; epoch 1 too unless it resumed from its epoch-1 checkpoint, which a trial can
+    # register between the snapshot above and the kill, so only epoch 2 is certain to be shown for every trial
+    for key in train_names:
+        line = rf"^\[{re.escape(key)}\] epoch 2/2  child (\d+)/\1  parent val [\d.]+  child val "
+        assert re.search(line, output, re.M), key
     assert re.search(r"^\[retrain \w{12} step2\] epoch 2/2  step2 (\d+)/\1 .* top-1 [\d.]+  img/s", output, re.M)
     assert re.findall(r"https?://(?:127\.0\.0\.1|localhost)[:/][^\s)]*", output) == ["http://127.0.0.1:5000"]
     assert "Downloading artifacts" not in output
