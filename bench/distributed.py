@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from search_step import machine
 
     info = {**machine(), "load_before": os.getloadavg()}
-    # before Ray starts: no token file in ~/.ray, no usage reporting (design/stack-notes.md 3.1)
+    # before Ray starts: no token file in ~/.ray, no usage reporting (docs/stack.md §2.1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

@@ -4,7 +4,7 @@ Usage: ``python cluster/local_cluster.py start|stop|status|env [--dir DIR] ...``
 ``with LocalCluster(dir) as c: ...`` (``c.address``, ``c.dashboard_url``, ``c.env``, ``c.auth_headers()``).
 ``c.kill_worker_node()`` / ``c.restart_worker_node()`` crash and bring back the worker node alone.
 
-Why it looks like this (design/stack-notes.md §3-§4):
+Why it looks like this (docs/stack.md §3):
 
 * Ray rewrites a ``127.0.0.1`` node IP to the machine's outside address, so the nodes use 127.0.0.2/.3, which it
   keeps; two raylets on one host need their own ``--temp-dir`` and dashboard-agent port; every other port is either

@@ -71,7 +71,7 @@ class SweepSection(BaseModel):
 
     A trial reserves ``trial_cpus`` (its Tune driver function) plus ``workers`` × ``cpus_per_worker``
     (its DDP ranks). Fractions are scheduling tokens: on 2 cores, 0.5 + 1 × 0.5 lets two trials run
-    side by side; whole CPUs for both would deadlock (stack-notes §3.2).
+    side by side; whole CPUs for both would deadlock (docs/stack.md §2.2).
     """
 
     model_config = STRICT

@@ -4,7 +4,7 @@ The job file holds ``submit_job``'s keyword arguments (see the comments in ``ray
 is the cluster's dashboard URL: ``--address``, else ``RAY_API_SERVER_ADDRESS``, else ``RAY_ADDRESS``, else
 ``http://127.0.0.1:8265`` (what ``ray dashboard cluster/aws.yaml`` forwards to). Token auth needs nothing
 here: Ray's client adds the bearer token when ``RAY_AUTH_MODE=token`` and the token is in
-``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token`` (stack-notes §4.1).
+``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / ``~/.ray/auth_token`` (docs/stack.md §3).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ genotype; tags ``stage``, ``space``, ``seed``, ``config_hash``, ``genotype_hash`
 
 Every call goes through an explicit ``MlflowClient`` with explicit experiment and run ids:
 ``mlflow.set_experiment`` and the active-run globals export ``MLFLOW_EXPERIMENT_ID`` and misfile
-concurrent runs into "Default" (stack-notes §6). Runs are found again by a ``run_key`` tag, so a
+concurrent runs into "Default" (docs/stack.md §4.2). Runs are found again by a ``run_key`` tag, so a
 re-run or a resumed trial logs into the run it started instead of duplicating it.
 
 Writers: the driver calls :func:`prepare` once (schema and experiment created under a file lock,
@@ -154,7 +154,7 @@ def prepare(uri: str | None, experiment: str, retry_s: float = RETRY_S) -> Track
 
     Called by the driver before any compute, so a bad URI or wrong credentials fail in seconds (not
     retried). On SQLite the schema creation runs under a file lock: several processes creating it at
-    once crash (stack-notes §6.2); the file is put in WAL mode there. ``retry_s`` bounds the retries
+    once crash (docs/stack.md §4.2); the file is put in WAL mode there. ``retry_s`` bounds the retries
     of every later write through the context.
     """
     uri = resolve_uri(uri)
@@ -479,7 +479,7 @@ def log_artifact(ctx: TrackingContext, run_id: str, path: str | Path, artifact_p
 def register_genotype(ctx: TrackingContext, run_id: str, name: str, alias: str) -> str:
     """Register the run's genotype as a model version (reused if this run already has one) and point
     ``alias`` at it; returns the version. Uses ``create_model_version``: in MLflow 3
-    ``register_model("runs:/...")`` fails without a LoggedModel (stack-notes §6.1)."""
+    ``register_model("runs:/...")`` fails without a LoggedModel (docs/stack.md §4.1)."""
     client = _client(ctx.uri)
     run = client.get_run(run_id)
     h = run.data.params.get(GENOTYPE_HASH_PARAM)

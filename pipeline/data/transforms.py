@@ -1,4 +1,4 @@
-"""Train/eval image transforms in Pillow + torch (no torchvision: its CPU build is unusable here, stack-notes §2).
+"""Train/eval image transforms in Pillow + torch (no torchvision: its CPU build is unusable here, docs/stack.md §1).
 
 A transform is ``transform(img, rng) -> float32 CHW tensor``, normalised with ``mean``/``std``; with
 ``normalize=False`` it returns uint8 CHW instead (batches 4x smaller across processes and to the GPU) and
