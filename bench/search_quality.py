@@ -117,8 +117,8 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
             "epochs": scale.search_epochs,
             "warmup_epochs": scale.warmup_epochs,
             "parent_lr": 0.1,
-            "child_lr": 0.01,
-            "arch_lr": 0.003,
+            "child_lr": 0.03,  # as configs/demo.yaml: 0.01 leaves a small 1-bit Child near chance for epochs
+            "arch_lr": 0.05,  # ~54 architecture steps: Adam moves an alpha by up to ~2.7, DARTS' 3e-4 x 19.5k steps ~6
         },
         "sweep": {"seeds": list(range(scale.seeds)), "spaces": [SPACE], "variants": VARIANTS},
         "retrain": {
