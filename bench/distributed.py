@@ -1,7 +1,7 @@
 """Distributed search cost: Ray Train against bare torchrun, cold start, and 1 vs 2 workers, in one run.
 
 Every launch runs the same worker loop (``timed_steps``): a ``DCPNASSearch`` wrapped for DDP exactly as
-``pipeline.search_stage.search_worker`` wraps it (``ddp`` for weight steps, ``all_reduce_mean`` for architecture
+``pipeline.stages.search.worker.search_worker`` wraps it (``ddp`` for weight steps, ``all_reduce_mean`` for architecture
 terms; no wrapping with one rank), the architecture active (no warm-up), one thread per rank, and a fixed random
 batch per rank. One iteration is a Parent step then a Child step (the two phases of a search epoch). Launches:
 
@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from dcpnas.search import DCPNASSearch
-from pipeline.collectives import all_reduce_mean
 from pipeline.config import Config, load_config
-from pipeline.search_stage import ddp
+from pipeline.runtime.collectives import all_reduce_mean
+from pipeline.stages.search.worker import ddp
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHES = ("torchrun_2", "ray_2", "ray_1")
@@ -92,7 +92,7 @@ def timed_steps(task: dict[str, Any]) -> None:
 
 
 def run_ray(task: dict[str, Any], workers: int, storage: Path, name: str) -> dict[str, Any]:
-    """One ``TorchTrainer`` launch, configured as ``pipeline.search_stage.fit_search`` does (gloo, 1 CPU/worker)."""
+    """One ``TorchTrainer`` launch, configured as ``stages.search.worker.fit_search`` does (gloo, 1 CPU/worker)."""
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -108,8 +108,10 @@ def ray_train_search(tmp: Path) -> Row:
 
     from pipeline.config import load_config
     from pipeline.data.convert import Options, convert
+    from pipeline.data.search_data import make_split
     from pipeline.data.sources import digits
-    from pipeline.search_stage import fit_search, make_split
+    from pipeline.runtime.trainer import Workers
+    from pipeline.stages.search.worker import fit_search
 
     uri = str(tmp / "digits")
     convert(digits(), uri, Options(workers=1, progress=False))
@@ -121,7 +123,7 @@ def ray_train_search(tmp: Path) -> Row:
     t = time.perf_counter()
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
-        result = fit_search(cfg, str(split), str(tmp / "ray"), "gpu-check", 1, use_gpu=True, max_failures=0)
+        result = fit_search(cfg, str(split), str(tmp / "ray"), "gpu-check", Workers(1, 1.0, 1.0), max_failures=0)
     finally:
         ray.shutdown()
     m = result.metrics or {}
@@ -134,7 +136,7 @@ def search_steps(device: torch.device, repeats: int) -> tuple[list[Row], SearchT
     from bench.search_step import Darts
     from dcpnas.search import DCPNASSearch
     from pipeline.config import load_config
-    from pipeline.gpu_memory import oom_message
+    from pipeline.runtime.gpu_memory import oom_message
 
     cfg = load_config(IMAGENET_CONFIG)
     base = dataclasses.replace(cfg.search_config(), epochs=2, warmup_epochs=0)
@@ -192,7 +194,7 @@ def retrain_throughput(device: torch.device, repeats: int) -> Row:
 
     from bench.retrain import load_genotype
     from pipeline.config import load_config
-    from pipeline.retrain_stage import build_network
+    from pipeline.models import build_network
 
     cfg = load_config(IMAGENET_CONFIG)
     model = build_network(cfg, load_genotype(), "binary_all", 1000).to(device, memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """Retrain step: the DeepSpeed engine vs plain DDP on the same 1-bit network and batch (issue 5).
 
-Both engines are the ones ``pipeline/retrain_stage.py`` trains with (``DeepSpeedEngine``,
+Both engines are the ones ``pipeline/stages/retrain/stage.py`` trains with (``DeepSpeedEngine``,
 ``DDPEngine``): same network (same initial weights), same AdamW, same loss (cross-entropy plus the
 reconstruction term), same input. Each rank times the two steps round-robin (one of each per round,
 order alternating), so load drift on a shared machine hits both alike. Reports median step time per
@@ -33,7 +33,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 from bench.search_step import machine  # noqa: E402
 from dcpnas.network import SIZES  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.retrain_stage import DDPEngine, DeepSpeedEngine, _loss, build_network, plan_steps  # noqa: E402
+from pipeline.models import build_network  # noqa: E402
+from pipeline.stages.retrain.engines import DDPEngine, DeepSpeedEngine  # noqa: E402
+from pipeline.stages.retrain.plan import plan_steps  # noqa: E402
+from pipeline.stages.retrain.worker import distill_loss  # noqa: E402
 
 
 def _free_port() -> int:
@@ -94,7 +97,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: int, out: str) 
             dist.barrier()
             _sync(device)
             t = time.perf_counter()
-            engine.backward_step(_loss(engine(x), y, None, 0.0, engine.module, mu))
+            engine.backward_step(distill_loss(engine(x), y, None, 0.0, engine.module, mu))
             _sync(device)
             dist.barrier()
             if r >= args.warmup:

@@ -315,7 +315,7 @@ def run_arms(config: Path) -> None:
         ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment)
         sweeps = [r for r in runs_of(ctx.uri, cfg.tracking.experiment) if r["tags"].get("stage") == "sweep"]
         sweep = next(r for r in sweeps if "genotype_ref" not in r["tags"])  # not a `dcpnas retrain` of a file
-        for trial in tracking.search_trials(ctx, sweep["run_id"]):
+        for trial in tracking.child_runs(ctx, sweep["run_id"]):
             if trial["tags"].get("stage") != "search" or trial["status"] != "FINISHED":
                 continue  # random baselines hang under the sweep run too
             dcpnas("retrain", "--config", str(config), "--genotype", trial["run_id"])

@@ -1,11 +1,11 @@
 """Tracking under load (issue 16): N writer processes log 20 metrics per epoch at once, with the project's own
-tracking functions (``start_trial_run``, ``log_epoch``, ``finish_run``), through
+tracking functions (``open_child_run``, ``log_epoch``, ``finish_run``), through
 
 * ``serving``: the local server ``tracking.serving`` starts (one worker, pool sized for N, SQLite in WAL mode),
 * ``standalone``: a plain ``mlflow server`` on 127.0.0.1 with MLflow's defaults (4 workers, default pool),
 
 both over a fresh SQLite store. Reports the errors ``log_epoch`` raised (after the retries of
-``pipeline.retry``), the points missing from the store and duplicated in it (read from the database: every
+``pipeline.tracking.retry``), the points missing from the store and duplicated in it (read from the database: every
 (run, metric, epoch) must be there exactly once), and points/s. Writers are forked from this process, which
 imported only MLflow and ``pipeline.tracking``, so 64 of them start in a second.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.tracking_server import free_port
+from pipeline.tracking.server import free_port
 
 METRICS = 20
 CONFIG = {"name": "load", "tracking": {"uri": None}}
@@ -72,7 +72,7 @@ def epoch_metrics(index: int, step: int) -> dict[str, float]:
 
 def write_trial(ctx: tracking.TrackingContext, parent: str, index: int, epochs: int, pause_s: float, out: Any) -> None:
     """One trial's writes; a failed ``log_epoch`` is counted and the trial goes on, as a sweep's would not."""
-    run = tracking.start_trial_run(ctx, parent, f"writer={index}", {"stage": "search", "space": "load", "seed": index})
+    run = tracking.open_child_run(ctx, parent, f"writer={index}", {"stage": "search", "space": "load", "seed": index})
     errors, first = 0, ""
     for step in range(epochs):
         try:
@@ -159,7 +159,7 @@ def run_load(mode: str, writers: int, epochs: int, root: Path, journal: str = "w
     server = tracking.serving(ctx, writers=writers) if mode == "serving" else None
     with server or standalone(ctx.uri, tracking.artifacts_dir(ctx.uri)) as served:
         served = served if isinstance(served, tracking.TrackingContext) else replace(ctx, uri=served)
-        parent = tracking.start_sweep_run(served, "sweep", CONFIG)
+        parent = tracking.open_sweep_run(served, "sweep", CONFIG)
         errors, seconds, messages = wait_writers(start_writers(served, parent, writers, epochs))
     lost, duplicates = count_points(db, parent, writers, epochs)
     if messages:

@@ -33,6 +33,10 @@ PHASES = ("parent", "child")
 PAIRINGS = ("cycle", "min")
 
 
+# Metric names the pipeline reads back (selection, report, progress board): one spelling, here.
+PARENT_VAL_ACC, CHILD_VAL_ACC = "parent/val_acc", "child/val_acc"
+ALPHA_ENTROPY, SKIP_NORMAL = "alpha_entropy", "skip_normal"
+
 def pair_indices(n_weights: int, n_arch: int, pairing: str) -> Iterator[tuple[int, int, int]]:
     """(weight batch, arch batch, arch pass) of each step of a phase.
 
@@ -405,7 +409,7 @@ class DCPNASSearch:
                     correct[i] += (net(x).argmax(1) == y).sum()
                 correct[2] += len(y)
         p, c, n = self.reduce(correct).tolist()
-        return {"parent/val_acc": p / n, "child/val_acc": c / n}
+        return {PARENT_VAL_ACC: p / n, CHILD_VAL_ACC: c / n}
 
     def _epoch_metrics(self, data: SearchData, seconds: float) -> dict[str, Any]:
         names = sorted(self.meters)
@@ -422,8 +426,8 @@ class DCPNASSearch:
         metrics.update(
             {
                 "epoch": self.epoch,
-                "alpha_entropy": float(-(probs * probs.log()).sum(-1).mean()),
-                "skip_normal": genotype.count("skip_connect", "normal"),
+                ALPHA_ENTROPY: float(-(probs * probs.log()).sum(-1).mean()),
+                SKIP_NORMAL: genotype.count("skip_connect", "normal"),
                 "skip_reduce": genotype.count("skip_connect", "reduce"),
                 "lr/parent": self.opt["parent_w"].param_groups[0]["lr"],
                 "lr/child": self.opt["child_w"].param_groups[0]["lr"],

@@ -11,7 +11,7 @@ MLFLOW_DEFAULTS = {
     # also sets and pops an environment variable that concurrent request threads read (log_batch errors).
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # MLflow's own HTTP retries (urllib3: connect/read errors, 408/429/5xx) kept short (waits 0, 2, 4 s), so
-    # the time-bounded retry of pipeline.retry decides how long a write waits (tracking.retry_s).
+    # the time-bounded retry of pipeline.tracking.retry decides how long a write waits (tracking.retry_s).
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }

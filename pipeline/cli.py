@@ -1,8 +1,10 @@
-"""The ``dcpnas`` command line. Subcommands import their heavy dependencies lazily."""
+"""The ``dcpnas`` command line: ``dcpnas X`` is ``pipeline/commands/X.py`` (its ``register`` adds the
+subcommand, its ``main`` runs it). Command modules import their heavy dependencies inside ``main``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -11,23 +13,14 @@ from dcpnas.genotype import GenotypeError
 from dcpnas.registry import UnknownNameError
 from pipeline.errors import UserError
 
+COMMANDS = ("run", "search", "sweep", "data", "genotype", "submit", "retrain", "eval", "report", "ui")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline import driver, eval_stage, genotype_cli, report, retrain_stage, search_cli, submit, sweep, ui
-    from pipeline.data import cli as data_cli
-
     parser = argparse.ArgumentParser(prog="dcpnas", description="DCP-NAS search and retraining of 1-bit CNNs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    driver.register(sub)
-    search_cli.register(sub)
-    sweep.register(sub)
-    data_cli.register(sub)
-    genotype_cli.register(sub)
-    submit.register(sub)
-    retrain_stage.register(sub)
-    eval_stage.register(sub)
-    report.register(sub)
-    ui.register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"pipeline.commands.{name}").register(sub)
     return parser
 
 

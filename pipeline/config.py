@@ -197,6 +197,11 @@ class Config(BaseModel):
     def hash(self) -> str:
         return config_hash(self.resolved())
 
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment every run of this config opens into: ``tracking.experiment``, else ``name``."""
+        return self.tracking.experiment or self.name
+
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from bench_scripts import load_bench
 
-from pipeline.gpu_memory import GIB, oom_message, requested_bytes
+from pipeline.runtime.gpu_memory import GIB, oom_message, requested_bytes
 
 check = load_bench("gpu_check")
 

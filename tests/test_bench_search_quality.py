@@ -33,11 +33,11 @@ def test_table_from_a_store(tmp_path: Path) -> None:
 
     ctx = tracking.prepare(f"sqlite:///{tmp_path / 'mlflow.db'}", "q")
     client = MlflowClient(ctx.uri)
-    sweep = tracking.start_sweep_run(ctx, "sweep", {"name": "q"})
+    sweep = tracking.open_sweep_run(ctx, "sweep", {"name": "q"})
     top1 = {"": (0.80, 0.84), "search.lam=0": (0.70, 0.72), "search.decoupled=False": (0.79, 0.83)}
 
     def retrain(parent: str, key: str, acc: float, hours: float, **tags: str) -> None:
-        run = tracking.start_trial_run(ctx, parent, key, {"stage": "retrain", "space": "dcpnas", "seed": 0, **tags})
+        run = tracking.open_child_run(ctx, parent, key, {"stage": "retrain", "space": "dcpnas", "seed": 0, **tags})
         tracking.log_epoch(ctx, run, {"top1": acc, "ops": 2e6 + 1e6 * acc}, step=0)
         _end(client, run, hours)
 
@@ -47,7 +47,7 @@ def test_table_from_a_store(tmp_path: Path) -> None:
             if override:
                 k, v = override.split("=")
                 tags |= {"overrides": override, f"override.{k}": v}
-            trial = tracking.start_trial_run(ctx, sweep, f"seed={seed},{override}", tags)
+            trial = tracking.open_child_run(ctx, sweep, f"seed={seed},{override}", tags)
             tracking.log_epoch(ctx, trial, {"alpha_entropy": 2.0 - 0.1 * seed - len(override) / 100}, step=0)
             _end(client, trial, 0.5 + seed)
             retrain(trial, "child", acc, 0.1)
@@ -55,9 +55,9 @@ def test_table_from_a_store(tmp_path: Path) -> None:
                 retrain(trial, "parent", acc - 0.1, 0.2, origin="parent")
     for i, acc in enumerate((0.5, 0.6, 0.7, 0.6)):
         retrain(sweep, f"random{i}", acc, 0.3, origin="random")
-    loose = tracking.start_sweep_run(ctx, "retrain", {"name": "q", "x": 1}, {"genotype_ref": "ddpnas_mcn_2"})
+    loose = tracking.open_sweep_run(ctx, "retrain", {"name": "q", "x": 1}, {"genotype_ref": "ddpnas_mcn_2"})
     retrain(loose, "ref", 0.9, 0.4, genotype_hash=load_genotype("ddpnas_mcn_2").hash)
-    failed = tracking.start_trial_run(ctx, sweep, "broken", {"stage": "retrain", "space": "dcpnas", "seed": 0})
+    failed = tracking.open_child_run(ctx, sweep, "broken", {"stage": "retrain", "space": "dcpnas", "seed": 0})
     tracking.log_epoch(ctx, failed, {"top1": 0.99}, step=0)
     client.set_terminated(failed, "FAILED")
 

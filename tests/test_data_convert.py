@@ -23,7 +23,7 @@ from conftest_data import (
 from PIL import Image
 
 import pipeline.data.convert as convert_mod
-from pipeline.data import cli
+from pipeline.commands import data as cli
 from pipeline.data.convert import Options, convert
 from pipeline.data.idx import fashion_mnist
 from pipeline.data.shards import open_dataset

@@ -21,21 +21,15 @@ from test_local_cluster import lc
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.driver import select
-from pipeline.sweep import plan, run_sweep
+from pipeline.job import select
+from pipeline.stages.search.sweep import TrialSummary, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> dict:
-    return {
-        "trial_key": key,
-        "genotype_hash": h,
-        "status": status,
-        "diverged": diverged,
-        "final/child/val_acc": acc,
-        "seed": 0,
-    }
+def trial(key: str, h: str, acc: float, status: str = "FINISHED", diverged: bool = False) -> TrialSummary:
+    reason = "diverged: loss is nan" if diverged else ""
+    return TrialSummary(key, 0, "s", "", "sweep", f"run-{key}", status, h, reason, metrics={"child/val_acc": acc})
 
 
 def test_select_dedupes_genotypes_and_ranks_by_child_accuracy() -> None:
@@ -47,8 +41,8 @@ def test_select_dedupes_genotypes_and_ranks_by_child_accuracy() -> None:
         trial("e", "h4", 0.99, diverged=True),
         trial("f", "", 0.99),
     ]
-    assert [t["trial_key"] for t in select(trials, 5)] == ["b", "c"]
-    assert [t["trial_key"] for t in select(trials, 1)] == ["b"]
+    assert [t.trial_key for t in select(trials, 5)] == ["b", "c"]
+    assert [t.trial_key for t in select(trials, 1)] == ["b"]
     assert select(trials, 0) == []
 
 
@@ -214,7 +208,7 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
     # for ±30 %; on this shared 2-core box the load changes between the run and the measurement (ratios 0.92,
     # 0.37 measured), so the bound is a factor of 3: it still catches a projection off by the 64x of the
     # per-phase extrapolation it replaced.
-    from pipeline.driver import dry_run
+    from pipeline.job import dry_run
 
     projected = dry_run(load_config(None, sets), None, 0.0, log=lambda *_: None)["first_epoch_train_s"]
     firsts = [
@@ -239,8 +233,8 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
 
     # the finished sweep run once more: Tune restores the experiment, every trial is found in MLflow, nothing re-runs
     again = run_sweep(load_config(None, sets))
-    assert sorted(r["run_id"] for r in again) == sorted(r.info.run_id for r in search)
-    assert {r["trial_key"]: r["genotype_hash"] for r in again} == {
+    assert sorted(r.run_id for r in again) == sorted(r.info.run_id for r in search)
+    assert {r.trial_key: r.genotype_hash for r in again} == {
         r.data.tags["trial_key"]: r.data.tags["genotype_hash"] for r in search
     }
     assert len(client.search_runs([exp.experiment_id], max_results=1000)) == len(runs)

@@ -16,7 +16,7 @@ import torch
 
 from dcpnas.genotype import CELL_TYPES, Genotype, GenotypeError, builtin_genotypes, load_genotype
 from dcpnas.spaces import get_space
-from pipeline import genotype_cli
+from pipeline.commands import genotype as genotype_cli
 from pipeline.errors import UserError
 
 BUILTINS = ["darts_v2", "ddpnas_chl_i6", "ddpnas_mcn_2", "tangent_1", "tangent_2"]
@@ -241,7 +241,7 @@ def test_cli_main_exits_2_on_bad_ref(capsys: pytest.CaptureFixture[str], monkeyp
     from pipeline import cli
 
     # Subcommands written elsewhere may not exist yet: stand in for the missing ones.
-    for name in ("pipeline.search_cli", "pipeline.data.cli"):
+    for name in ("pipeline.stages.search.local", "pipeline.commands.data"):
         if importlib.util.find_spec(name) is None:
             monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(register=lambda sub: None))
     assert cli.main(["genotype", "show", "no_such_cell"]) == 2

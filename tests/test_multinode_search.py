@@ -33,7 +33,8 @@ from ray.util.state import list_actors
 
 from dcpnas.checkpoint import load_checkpoint
 from pipeline.config import Config
-from pipeline.search_stage import CHECKPOINT_FILE, fit_search
+from pipeline.runtime.trainer import Workers
+from pipeline.stages.search.worker import CHECKPOINT_FILE, fit_search
 
 args = json.loads(sys.argv[1])
 
@@ -56,7 +57,7 @@ class Events(UserCallback):
 ray.init(_node_ip_address=args["head_ip"], log_to_driver=False)  # the driver (and so the controller) on the head
 result = fit_search(
     Config.model_validate(args["config"]), args["split_uri"], args["storage"], args["name"],
-    workers=2, cpus_per_worker=1.0, max_failures=2, callbacks=[Events(args["events"])],
+    Workers(2, 1.0), max_failures=2, callbacks=[Events(args["events"])],
 )
 node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 job = ray.get_runtime_context().get_job_id()
@@ -125,7 +126,7 @@ def test_search_spans_both_nodes_and_resumes_after_the_worker_node_dies(
 ) -> None:
     from dcpnas.search import DCPNASSearch
     from pipeline.config import Config
-    from pipeline.search_stage import make_split
+    from pipeline.data.search_data import make_split
 
     # 2 epochs: a warm-up epoch (weights only), the crash, then an epoch with architecture steps; 2 batches a phase
     tree = stage_config(digits_shards, tmp_path, epochs=2, warmup_epochs=1).resolved()

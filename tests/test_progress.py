@@ -8,7 +8,7 @@ import re
 import torch
 
 from dcpnas.search import TensorSearchData
-from pipeline.progress import Board, Ticking, every, search_position
+from pipeline.progress.board import Board, Ticking, every, search_position
 
 
 class Terminal(io.StringIO):

@@ -14,7 +14,7 @@ from dcpnas.sampling import sample_genotype
 from dcpnas.spaces import SearchSpace, get_space, register_space
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.random_baselines import check_capacity, genotype_ops, sample_baselines
+from pipeline.stages.retrain.baselines import check_capacity, genotype_ops, sample_baselines
 
 TOLERANCE = 0.05
 
@@ -48,21 +48,23 @@ def test_an_unreachable_ops_window_says_so(tmp_path) -> None:
 def test_baselines_are_retrained_like_the_searched_genotype_and_reported(tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline import report, tracking
-    from pipeline.driver import retrain_selected
-    from pipeline.sweep import search_data
+    from pipeline import tracking
+    from pipeline.data.search_data import ensure_shards
+    from pipeline.job import retrain_selected
+    from pipeline.report.build import build_report
+    from pipeline.stages.search.sweep import TrialSummary
 
     sets = ["retrain.random_baselines=2", f"retrain.random_ops_tolerance={TOLERANCE}", "retrain.teacher=none"]
-    cfg = search_data(small_config(tmp_path, *sets, "retrain.steps=[binary_all]", "retrain.epochs=1"), log=print)
+    cfg = ensure_shards(small_config(tmp_path, *sets, "retrain.steps=[binary_all]", "retrain.epochs=1"), log=print)
     ctx = tracking.prepare(cfg.tracking.uri, cfg.name)
     searched = sample_genotype(get_space("dcpnas_3x3"), random.Random(3))  # stands in for a search's result
-    sweep = tracking.start_sweep_run(ctx, "sweep", cfg.resolved())
-    trial = tracking.start_trial_run(
+    sweep = tracking.open_sweep_run(ctx, "sweep", cfg.resolved())
+    trial = tracking.open_child_run(
         ctx, sweep, "seed=0,space=dcpnas_3x3", {"stage": "search", "space": "dcpnas_3x3", "seed": 0}
     )
     tracking.log_genotype(ctx, trial, searched)
     tracking.finish_run(ctx, trial)
-    chosen = [{"run_id": trial, "trial_key": "t", "genotype_hash": searched.hash, "seed": 0, "sweep_run_id": sweep}]
+    chosen = [TrialSummary("t", 0, "dcpnas_3x3", "", sweep, trial, "FINISHED", searched.hash)]
     expected = [g.hash for g in sample_baselines(cfg, [searched], 10)]
 
     out = retrain_selected(cfg, chosen, print)
@@ -88,7 +90,7 @@ def test_baselines_are_retrained_like_the_searched_genotype_and_reported(tmp_pat
     assert [r["run_id"] for r in again] == [r["run_id"] for r in out] and all(r["skipped"] for r in again)
     assert len(client.search_runs([ctx.experiment_id], max_results=100)) == 2 + 3 * 2  # + an eval per retrain
 
-    page = report.build_report(ctx, sweep, tmp_path / "report").read_text()
+    page = build_report(ctx, sweep, tmp_path / "report").read_text()
     versus = json.loads((tmp_path / "report" / "summary.json").read_text())["searched_vs_random"]
     assert (versus["searched"]["n"], versus["random"]["n"]) == (1, 2) and versus["sentence"] in page
     tops = [r["top1"] for r in out]

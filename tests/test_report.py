@@ -29,9 +29,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline import report, tracking, ui
+from pipeline import tracking
 from pipeline.cli import main
+from pipeline.commands import ui
 from pipeline.errors import UserError
+from pipeline.report.build import build_report, publish_report
+from pipeline.report.collect import find_sweep_run
+from pipeline.report.html import NOT_RUN
+from pipeline.report.model import REPORT_ARTIFACT_DIR, pareto_front, run_cost
 
 EXPERIMENT = "report-test"
 CONFIG = {
@@ -56,7 +61,7 @@ def _search_trial(ctx: tracking.TrackingContext, sweep: str, space: str, seed: i
     from dcpnas.spaces import get_space
 
     client = MlflowClient(ctx.uri)
-    run = tracking.start_trial_run(
+    run = tracking.open_child_run(
         ctx, sweep, f"seed={seed},space={space}", {"stage": "search", "space": space, "seed": seed}
     )
     for epoch, acc in enumerate(CHILD_ACC[(space, seed)]):
@@ -87,7 +92,7 @@ def _search_trial(ctx: tracking.TrackingContext, sweep: str, space: str, seed: i
 
 
 def _retrain(ctx: tracking.TrackingContext, search_run: str, seed: int, top1: float, ops: float) -> str:
-    run = tracking.start_trial_run(ctx, search_run, "retrain", {"stage": "retrain", "space": "darts", "seed": seed})
+    run = tracking.open_child_run(ctx, search_run, "retrain", {"stage": "retrain", "space": "darts", "seed": seed})
     for epoch in range(2):
         curves = {"teacher/loss": 1.0 / (epoch + 1), "step1/top1": 0.5 + epoch / 10, "step2/top1": 0.6 + epoch / 10}
         tracking.log_epoch(ctx, run, {**curves, "step2/top5": 0.9, "step1/loss": 1.0, "step2/loss": 0.8}, step=epoch)
@@ -102,9 +107,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlruns' / 'mlflow.db'}"
     ctx = tracking.prepare(uri, EXPERIMENT)
     client = MlflowClient(uri)
-    sweep = tracking.start_sweep_run(ctx, "sweep", CONFIG, {"seeds": "0,1"})
+    sweep = tracking.open_sweep_run(ctx, "sweep", CONFIG, {"seeds": "0,1"})
     runs = {(space, seed): _search_trial(ctx, sweep, space, seed) for space in GENOTYPES for seed in (0, 1)}
-    diverged = tracking.start_trial_run(
+    diverged = tracking.open_child_run(
         ctx, sweep, "seed=2,space=darts", {"stage": "search", "space": "darts", "seed": 2}
     )
     tracking.log_epoch(ctx, diverged, {"child/val_acc": math.nan, "epoch_seconds": 60.0}, step=0)
@@ -114,7 +119,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     r0 = _retrain(ctx, runs[("darts", 0)], 0, top1=0.88, ops=1.0e8)
     tracking.log_epoch(ctx, r0, {"cost/core_hours": 0.5, "cost/gpu_hours": 0.0}, step=2)
     tracking.finish_run(ctx, r0)
-    ev = tracking.start_trial_run(ctx, r0, "eval", {"stage": "eval", "space": "darts", "seed": 0})
+    ev = tracking.open_child_run(ctx, r0, "eval", {"stage": "eval", "space": "darts", "seed": 0})
     tracking.log_epoch(ctx, ev, {"top1": 0.91, "top5": 0.995, "num_examples": 360, "cost/core_hours": 0.1}, step=0)
     tracking.finish_run(ctx, ev)
     r1 = _retrain(ctx, runs[("darts", 1)], 1, top1=0.89, ops=2.0e8)
@@ -125,8 +130,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def built(store: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("out") / "report"
-    index = report.build_report(store["ctx"], store["sweep"], out)
-    report.publish_report(store["ctx"], store["sweep"], out)
+    index = build_report(store["ctx"], store["sweep"], out)
+    publish_report(store["ctx"], store["sweep"], out)
     page = index.read_text()
     return {"out": out, "index": index, "page": page, "summary": json.loads((out / "summary.json").read_text())}
 
@@ -143,8 +148,8 @@ def _cells(row: str) -> list[str]:
 
 def test_pareto_front_of_a_hand_made_case() -> None:
     points = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.6), (0.5, 0.4), (math.nan, 0.9), (1.0, 0.5)]
-    assert report.pareto_front(points) == [True, True, False, False, True, False, True]
-    assert report.pareto_front([]) == []
+    assert pareto_front(points) == [True, True, False, False, True, False, True]
+    assert pareto_front([]) == []
 
 
 def test_search_statistics_are_mean_and_sample_std_over_finished_seeds(built: dict[str, Any]) -> None:
@@ -172,8 +177,8 @@ def test_retrain_prefers_eval_accuracy_and_missing_retrain_is_not_run(built: dic
     assert row[:4] == ["darts", "2", "0.9 ± 0.01414", "0.9925 ± 0.003536"]
     assert row[6] == "150M ± 70.71M"  # OPs
     assert built["summary"]["spaces"]["dcpnas"]["retrain"] is None
-    assert _cells(_row(built["page"], "retrain-dcpnas")) == ["dcpnas", "0", report.NOT_RUN]
-    assert _cells(_row(built["page"], "cost-dcpnas"))[-1] == report.NOT_RUN
+    assert _cells(_row(built["page"], "retrain-dcpnas")) == ["dcpnas", "0", NOT_RUN]
+    assert _cells(_row(built["page"], "cost-dcpnas"))[-1] == NOT_RUN
 
 
 def test_cost_from_metrics_else_wall_time_times_reserved_resources(built: dict[str, Any]) -> None:
@@ -193,8 +198,8 @@ def test_cost_from_metrics_else_wall_time_times_reserved_resources(built: dict[s
 
 def test_run_cost_says_when_resources_are_unknown() -> None:
     run = {"metrics": {}, "start_time": 0, "end_time": 3_600_000}
-    assert report.run_cost(run, {"sweep.workers": "2"}, ("sweep",), 0).core_hours is None
-    unknown = report.run_cost(run, {}, ("eval", "retrain"), 0)
+    assert run_cost(run, {"sweep.workers": "2"}, ("sweep",), 0).core_hours is None
+    unknown = run_cost(run, {}, ("eval", "retrain"), 0)
     assert (unknown.core_hours, unknown.how) == (
         None,
         "unknown: no cost/* metrics and no eval.workers or retrain.workers param",
@@ -236,7 +241,7 @@ def test_failure_reason_is_escaped_and_genotype_missing_is_said(built: dict[str,
 
 def test_report_is_logged_to_the_sweep_run(built: dict[str, Any], store: dict[str, Any]) -> None:
     client = MlflowClient(store["uri"])
-    logged = {Path(a.path).name for a in client.list_artifacts(store["sweep"], report.REPORT_ARTIFACT_DIR)}
+    logged = {Path(a.path).name for a in client.list_artifacts(store["sweep"], REPORT_ARTIFACT_DIR)}
     assert {"index.html", "summary.json", "pareto.png", "search_curves.png", "genotypes"} <= logged
     html_path = client.download_artifacts(store["sweep"], "report/index.html", str(built["out"].parent / "dl"))
     assert Path(html_path).read_text() == built["page"]
@@ -247,13 +252,13 @@ def test_rebuild_replaces_a_report_but_refuses_other_directories(store: dict[str
     out.mkdir()
     (out / "stale.png").write_bytes(PNG_MAGIC)
     (out / "index.html").write_text("old")
-    report.build_report(store["ctx"], store["sweep"], out)
+    build_report(store["ctx"], store["sweep"], out)
     assert not (out / "stale.png").exists() and (out / "pareto.png").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="holds no report"):
-        report.build_report(store["ctx"], store["sweep"], other)
+        build_report(store["ctx"], store["sweep"], other)
     assert (other / "keep.txt").exists()
 
 
@@ -261,10 +266,10 @@ def test_cli_finds_the_sweep_by_config_hash_else_the_latest(store: dict[str, Any
     from dcpnas.checkpoint import config_hash
 
     ctx = store["ctx"]
-    assert report.find_sweep_run(ctx, config_hash(CONFIG)) == store["sweep"]
+    assert find_sweep_run(ctx, config_hash(CONFIG)) == store["sweep"]
     messages: list[str] = []
-    later = tracking.start_sweep_run(ctx, "sweep", {**CONFIG, "name": "changed"})
-    assert report.find_sweep_run(ctx, "0" * 64, log=messages.append) == later
+    later = tracking.open_sweep_run(ctx, "sweep", {**CONFIG, "name": "changed"})
+    assert find_sweep_run(ctx, "0" * 64, log=messages.append) == later
     assert messages and later in messages[0]
     uri = store["uri"]
     args = ["report", "--set", f"tracking.uri={uri}", "--set", f"name={EXPERIMENT}", "--sweep-run", store["sweep"]]
@@ -276,8 +281,8 @@ def test_cli_finds_the_sweep_by_config_hash_else_the_latest(store: dict[str, Any
 
 
 def test_only_loopback_hosts_count_as_private() -> None:
-    assert all(ui._is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
-    assert not any(ui._is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.org"))
+    assert all(ui.is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(ui.is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.org"))
 
 
 def _free_port() -> int:

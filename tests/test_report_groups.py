@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import report, tracking
-from pipeline.report_groups import compare
+from pipeline import tracking
+from pipeline.report.build import build_report
+from pipeline.report.groups import compare
 
 CHILD_ACC = {(0, ""): 0.5, (1, ""): 0.7, (0, "search.lam=0.0"): 0.4, (1, "search.lam=0.0"): 0.45}
 SEARCHED = {(0, ""): (0.90, 1.0e8), (1, "search.lam=0.0"): (0.86, 1.2e8)}  # top-1, OPs
@@ -21,7 +22,7 @@ RANDOM = [(0.80, 0.9e8), (0.84, 1.1e8), (0.82, 1.3e8)]
 
 
 def _retrain(ctx: tracking.TrackingContext, parent: str, key: str, top1: float, ops: float, **tags: Any) -> str:
-    run = tracking.start_trial_run(ctx, parent, key, {"stage": "retrain", "space": "darts", "seed": 0, **tags})
+    run = tracking.open_child_run(ctx, parent, key, {"stage": "retrain", "space": "darts", "seed": 0, **tags})
     tracking.log_epoch(ctx, run, {"top1": top1, "ops": ops}, step=0)
     tracking.finish_run(ctx, run)
     return run
@@ -31,24 +32,24 @@ def _retrain(ctx: tracking.TrackingContext, parent: str, key: str, top1: float, 
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
     ctx = tracking.prepare(uri, "groups-test")
-    sweep = tracking.start_sweep_run(ctx, "sweep", {"name": "groups-test"}, {"seeds": "0,1"})
+    sweep = tracking.open_sweep_run(ctx, "sweep", {"name": "groups-test"}, {"seeds": "0,1"})
     for (seed, overrides), acc in CHILD_ACC.items():
         tags = {"stage": "search", "space": "darts", "seed": seed}
         if overrides:
             tags |= {"overrides": overrides, "override.search.lam": "0.0"}
-        run = tracking.start_trial_run(ctx, sweep, f"seed={seed},space=darts,{overrides}".rstrip(","), tags)
+        run = tracking.open_child_run(ctx, sweep, f"seed={seed},space=darts,{overrides}".rstrip(","), tags)
         tracking.log_epoch(ctx, run, {"child/val_acc": acc}, step=0)
         tracking.finish_run(ctx, run)
         if (seed, overrides) in SEARCHED:
             _retrain(ctx, run, "retrain:abc", *SEARCHED[(seed, overrides)], origin="search")
     for i, (top1, ops) in enumerate(RANDOM):
         _retrain(ctx, sweep, f"random:{i},retrain:abc", top1, ops, origin="random")
-    failed = tracking.start_trial_run(
+    failed = tracking.open_child_run(
         ctx, sweep, "random:9,retrain:abc", {"stage": "retrain", "space": "darts", "seed": 0, "origin": "random"}
     )
     tracking.finish_run(ctx, failed, "FAILED", reason="step1: killed")
     out = tmp_path_factory.mktemp("out") / "report"
-    page = report.build_report(ctx, sweep, out).read_text()
+    page = build_report(ctx, sweep, out).read_text()
     return {"out": out, "page": page, "summary": json.loads((out / "summary.json").read_text())}
 
 

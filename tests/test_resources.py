@@ -9,9 +9,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.resources import cluster_resources, fits, total
-from pipeline.retrain_stage import check_resources, worker_bundles
-from pipeline.sweep import plan, trial_bundles
+from pipeline.runtime.resources import cluster_resources, fits, total
+from pipeline.stages.retrain.plan import check_resources, worker_bundles
+from pipeline.stages.search.sweep import plan, trial_bundles
 
 
 def test_bundles_are_what_the_checks_count() -> None:

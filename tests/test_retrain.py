@@ -15,8 +15,8 @@ from dcpnas.genotype import load_genotype
 from dcpnas.network import create_network, inherit_weights, model_file
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.eval_stage import read_model
-from pipeline.retrain_stage import (
+from pipeline.models import read_model
+from pipeline.stages.retrain.plan import (
     check_resources,
     cosine_lr,
     deepspeed_config,
@@ -148,10 +148,10 @@ def ray_cluster():
 
 
 def shards_config(tmp_path: Path, *sets: str) -> Config:
-    from pipeline.sweep import search_data
+    from pipeline.data.search_data import ensure_shards
 
     cfg = retrain_config(tmp_path, "retrain.init_channels=8", "retrain.layers=3", *sets)
-    return search_data(cfg, log=lambda *_: None)
+    return ensure_shards(cfg, log=lambda *_: None)
 
 
 @pytest.mark.slow
@@ -159,7 +159,8 @@ def shards_config(tmp_path: Path, *sets: str) -> Config:
 @pytest.mark.distributed
 def test_zero1_and_zero2_follow_the_ddp_loss_trajectory(tmp_path, ray_cluster) -> None:
     """Two CPU ranks, same data and seed: DeepSpeed ZeRO-1 and ZeRO-2 vs torch DDP, step by step."""
-    from pipeline.retrain_stage import fit_step, num_classes
+    from pipeline.models import num_classes
+    from pipeline.stages.retrain.worker import fit_step
 
     trajectories = {}
     for engine, zero in (("ddp", 0), ("deepspeed", 1), ("deepspeed", 2)):
@@ -192,7 +193,7 @@ def test_interrupted_retrain_resumes_the_same_run_and_ends_where_an_uninterrupte
     tmp_path, ray_cluster
 ) -> None:
     from pipeline import tracking
-    from pipeline.retrain_stage import run_retrain
+    from pipeline.stages.retrain.stage import run_retrain
 
     sets = ("retrain.teacher=none", "retrain.steps=[binary_all]", "retrain.epochs=2", "retrain.batch_size=128")
     cut = shards_config(tmp_path / "cut", *sets, "retrain.max_failures=0")
@@ -222,8 +223,9 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     from dcpnas.network import network_from_file
     from pipeline import tracking
     from pipeline.data.shards import open_dataset
-    from pipeline.eval_stage import device_batches, evaluate, held_out_stream
-    from pipeline.retrain_stage import run_retrain
+    from pipeline.data.streams import device_batches, held_out_stream
+    from pipeline.models import evaluate
+    from pipeline.stages.retrain.stage import run_retrain
 
     cfg = retrain_config(tmp_path)
     out = run_retrain(cfg, "ddpnas_mcn_2", log=lambda *_: None)

@@ -52,9 +52,10 @@ def free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, split_uri: str, out: str) -> None:
     from dcpnas.search import DCPNASSearch
-    from pipeline.collectives import all_reduce_mean
+    from pipeline.data.search_data import StreamSearchData
     from pipeline.data.splits import SearchSplit
-    from pipeline.search_stage import StreamSearchData, ddp
+    from pipeline.runtime.collectives import all_reduce_mean
+    from pipeline.stages.search.worker import ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -84,7 +85,7 @@ def run_ranks(cfg: Config, split_uri: str, world: int, out: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_ranks_agree_after_every_arch_step_and_follow_one_rank(digits_shards, tmp_path) -> None:
-    from pipeline.search_stage import make_split
+    from pipeline.data.search_data import make_split
 
     cfg = stage_config(digits_shards, tmp_path)
     split_uri = str(tmp_path / "split.json")
@@ -111,21 +112,23 @@ def test_two_ranks_agree_after_every_arch_step_and_follow_one_rank(digits_shards
 def test_ray_train_search_reports_checkpoints_and_resumes(digits_shards, tmp_path) -> None:
     import ray
 
-    from pipeline.search_stage import fit_search, make_split
+    from pipeline.data.search_data import make_split
+    from pipeline.runtime.trainer import Workers
+    from pipeline.stages.search.worker import fit_search
 
     cfg = stage_config(digits_shards, tmp_path)
     split_uri = str(tmp_path / "split.json")
     make_split(cfg).save(split_uri)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = fit_search(cfg, split_uri, str(tmp_path / "ray"), "t", workers=2, cpus_per_worker=0.5)
+        result = fit_search(cfg, split_uri, str(tmp_path / "ray"), "t", Workers(2, 0.5))
         assert result.error is None
         assert result.metrics["ranks_agree"] is True and result.metrics["epoch"] == 1
         with result.checkpoint.as_directory() as d:
             files = sorted(p.name for p in Path(d).iterdir())
         assert files == ["genotype.json", "search.pt"]
         # the same name and storage resume the finished run instead of starting over
-        again = fit_search(cfg, split_uri, str(tmp_path / "ray"), "t", workers=2, cpus_per_worker=0.5)
+        again = fit_search(cfg, split_uri, str(tmp_path / "ray"), "t", Workers(2, 0.5))
         assert again.metrics["genotype_hash"] == result.metrics["genotype_hash"]
     finally:
         ray.shutdown()

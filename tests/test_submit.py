@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.commands.submit import DEFAULT_ADDRESS, _runtime_env, build_entrypoint, load_job, resolve_address
 from pipeline.errors import UserError
-from pipeline.submit import DEFAULT_ADDRESS, _runtime_env, build_entrypoint, load_job, resolve_address
 
 ROOT = Path(__file__).resolve().parents[1]
 DCPNAS = str(Path(sys.executable).parent / "dcpnas")

@@ -10,7 +10,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
-from pipeline.sweep import plan, trial_config
+from pipeline.stages.search.sweep import plan, trial_config
 
 
 def sweep_config(out: Path, *sets: str) -> Config:
@@ -74,8 +74,8 @@ def _diverge_rank(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     from dcpnas.search import DCPNASSearch, DivergedError
-    from pipeline.collectives import all_reduce_mean
-    from pipeline.search_stage import ddp
+    from pipeline.runtime.collectives import all_reduce_mean
+    from pipeline.stages.search.worker import ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -106,15 +106,15 @@ def test_sweep_and_trial_runs_are_tagged_and_reused(store: str) -> None:
 
     ctx = tracking.prepare(store, "tree")
     cfg = Config()
-    parent = tracking.start_sweep_run(ctx, "sweep", cfg.resolved(), {"space": "dcpnas", "seed": "0,1"})
-    trials = [tracking.start_trial_run(ctx, parent, f"seed={s},space=dcpnas", _trial_tags(s)) for s in (0, 1)]
+    parent = tracking.open_sweep_run(ctx, "sweep", cfg.resolved(), {"space": "dcpnas", "seed": "0,1"})
+    trials = [tracking.open_child_run(ctx, parent, f"seed={s},space=dcpnas", _trial_tags(s)) for s in (0, 1)]
     tracking.log_epoch(ctx, trials[0], {"parent/loss": 2.5, "child/val_acc": 0.25, "genotype_hash": "abc"}, step=0)
     tracking.log_epoch(ctx, trials[0], {"parent/loss": 2.0, "child/val_acc": 0.5, "genotype_hash": "def"}, step=1)
 
     # re-running the same config (an interrupted sweep) reuses every run
-    assert tracking.start_sweep_run(ctx, "sweep", cfg.resolved(), {"space": "dcpnas", "seed": "0,1"}) == parent
-    assert [tracking.start_trial_run(ctx, parent, f"seed={s},space=dcpnas", _trial_tags(s)) for s in (0, 1)] == trials
-    other = tracking.start_sweep_run(ctx, "sweep", Config(threads=1).resolved())
+    assert tracking.open_sweep_run(ctx, "sweep", cfg.resolved(), {"space": "dcpnas", "seed": "0,1"}) == parent
+    assert [tracking.open_child_run(ctx, parent, f"seed={s},space=dcpnas", _trial_tags(s)) for s in (0, 1)] == trials
+    other = tracking.open_sweep_run(ctx, "sweep", Config(threads=1).resolved())
     assert other != parent
 
     client = MlflowClient(ctx.uri)
@@ -142,17 +142,17 @@ def test_sweep_and_trial_runs_are_tagged_and_reused(store: str) -> None:
     # what a restarted worker reads to log a re-run epoch once
     assert tracking.logged_steps(ctx, trials[0], "child/val_acc") == {0, 1}
     assert tracking.logged_steps(ctx, trials[1], "child/val_acc") == set()
-    listed = tracking.search_trials(ctx, parent)
+    listed = tracking.child_runs(ctx, parent)
     assert [t["run_id"] for t in listed] == trials and listed[0]["metrics"]["parent/loss"] == 2.0
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
 
 
 def test_trial_needs_the_contract_tags_and_numeric_metrics(store: str) -> None:
     ctx = tracking.prepare(store, "contract")
-    parent = tracking.start_sweep_run(ctx, "sweep", CONFIG)
+    parent = tracking.open_sweep_run(ctx, "sweep", CONFIG)
     with pytest.raises(ValueError, match="needs tag"):
-        tracking.start_trial_run(ctx, parent, "seed=0", {"stage": "search", "seed": 0})
-    run = tracking.start_trial_run(ctx, parent, "seed=0", _trial_tags(0))
+        tracking.open_child_run(ctx, parent, "seed=0", {"stage": "search", "seed": 0})
+    run = tracking.open_child_run(ctx, parent, "seed=0", _trial_tags(0))
     with pytest.raises(TypeError, match="metric 'alphas'"):
         tracking.log_epoch(ctx, run, {"alphas": [1.0, 2.0]}, step=0)
 
@@ -165,7 +165,7 @@ def test_secrets_stay_out_of_params_and_config_artifact(store: str) -> None:
         "aws": {"secret_access_key": "sk-456", "region": "eu"},
         "data": {"batch_size": 8},
     }
-    run = tracking.start_sweep_run(ctx, "sweep", config)
+    run = tracking.open_sweep_run(ctx, "sweep", config)
     client = MlflowClient(ctx.uri)
     params = client.get_run(run).data.params
     assert params["data.batch_size"] == "8" and params["aws.region"] == "eu"
@@ -177,21 +177,21 @@ def test_secrets_stay_out_of_params_and_config_artifact(store: str) -> None:
 
 def test_diverged_trial_records_its_reason_and_resumes_into_the_same_run(store: str) -> None:
     ctx = tracking.prepare(store, "diverge")
-    parent = tracking.start_sweep_run(ctx, "sweep", CONFIG)
-    bad = tracking.start_trial_run(ctx, parent, "seed=0", _trial_tags(0))
-    good = tracking.start_trial_run(ctx, parent, "seed=1", _trial_tags(1))
+    parent = tracking.open_sweep_run(ctx, "sweep", CONFIG)
+    bad = tracking.open_child_run(ctx, parent, "seed=0", _trial_tags(0))
+    good = tracking.open_child_run(ctx, parent, "seed=1", _trial_tags(1))
     tracking.log_epoch(ctx, bad, {"child/loss": float("nan")}, step=3)
     tracking.finish_run(ctx, bad, "FAILED", reason="diverged: child loss is nan at epoch 3 step 7")
     tracking.finish_run(ctx, good)
 
-    by_key = {t["tags"]["trial_key"]: t for t in tracking.search_trials(ctx, parent)}
+    by_key = {t["tags"]["trial_key"]: t for t in tracking.child_runs(ctx, parent)}
     assert by_key["seed=0"]["status"] == "FAILED" and by_key["seed=1"]["status"] == "FINISHED"
     assert by_key["seed=0"]["tags"][tracking.FAILURE_TAG].startswith("diverged: child loss is nan")
     assert tracking.FAILURE_TAG not in by_key["seed=1"]["tags"]
     assert by_key["seed=0"]["metrics"]["child/loss"] != by_key["seed=0"]["metrics"]["child/loss"]  # NaN kept
 
     # a retry continues the same run: running again, old reason cleared, history kept
-    assert tracking.start_trial_run(ctx, parent, "seed=0", _trial_tags(0)) == bad
+    assert tracking.open_child_run(ctx, parent, "seed=0", _trial_tags(0)) == bad
     run = MlflowClient(ctx.uri).get_run(bad)
     assert run.info.status == "RUNNING" and tracking.FAILURE_TAG not in run.data.tags
     assert "child/loss" in run.data.metrics
@@ -207,8 +207,8 @@ def test_genotype_artifacts_round_trip_by_run_alias_and_file(store: str, tmp_pat
     from dcpnas.spaces import get_space
 
     ctx = tracking.prepare(store, "genotypes")
-    parent = tracking.start_sweep_run(ctx, "sweep", CONFIG)
-    run = tracking.start_trial_run(ctx, parent, "seed=0", _trial_tags(0))
+    parent = tracking.open_sweep_run(ctx, "sweep", CONFIG)
+    run = tracking.open_child_run(ctx, parent, "seed=0", _trial_tags(0))
     genotype, space = load_genotype("ddpnas_mcn_2"), get_space("dcpnas")
     torch.manual_seed(0)
     history = [torch.randn(2, space.num_edges, space.num_ops) for _ in range(3)]
@@ -248,7 +248,7 @@ def test_genotype_artifacts_round_trip_by_run_alias_and_file(store: str, tmp_pat
         tracking.find_genotype(ctx, "models:/dcpnas-genotype@best")
     with pytest.raises(UserError, match=r"0{32}"):
         tracking.find_genotype(ctx, "0" * 32)
-    no_genotype = tracking.start_trial_run(ctx, parent, "seed=1", _trial_tags(1))
+    no_genotype = tracking.open_child_run(ctx, parent, "seed=1", _trial_tags(1))
     with pytest.raises(UserError, match="no logged genotype"):
         tracking.register_genotype(ctx, no_genotype, "dcpnas-genotype", "best")
 
@@ -280,13 +280,13 @@ def test_local_server_serialises_concurrent_writers(tmp_path: Path) -> None:
         ctx = tracking.prepare(served.uri, "concurrent")  # a new experiment, created over HTTP by the driver
         with tracking.serving(ctx) as same:
             assert same is ctx  # a server URI is already the single writer
-        parent = tracking.start_sweep_run(ctx, "sweep", CONFIG)
+        parent = tracking.open_sweep_run(ctx, "sweep", CONFIG)
         # 32 trial processes x 20 epochs x 20 metrics at once (the load that exhausted MLflow's default pool)
         errors, _, messages = load.wait_writers(load.start_writers(ctx, parent, WRITERS, 20))
         assert (errors, messages) == (0, [])
         assert load.count_points(tracking.sqlite_path(fresh.uri), parent, WRITERS, 20) == (0, 0)  # lost, duplicated
 
-        trials = tracking.search_trials(ctx, parent)
+        trials = tracking.child_runs(ctx, parent)
         assert sorted(int(t["tags"]["seed"]) for t in trials) == list(range(WRITERS))
         last = {t["tags"]["seed"]: t["metrics"]["m00"] for t in trials if t["status"] == "FINISHED"}
         assert last == {str(i): load.epoch_metrics(i, 19)["m00"] for i in range(WRITERS)}

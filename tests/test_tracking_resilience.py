@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 import pipeline
 from pipeline import tracking
 from pipeline.errors import UserError
-from pipeline.retry import TrackingUnavailable, is_transient
-from pipeline.tracking_server import free_port
+from pipeline.tracking.retry import TrackingUnavailable, is_transient
+from pipeline.tracking.server import free_port
 
 load = load_bench("tracking_load")
 CONFIG = {"name": "t", "data": {"batch_size": 8}}
@@ -46,7 +46,7 @@ def test_telemetry_is_off_unless_the_user_turns_it_on(monkeypatch: pytest.Monkey
 
 
 def test_a_write_failing_past_the_bound_names_the_server_and_the_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries off: only pipeline.retry
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries off: only pipeline.tracking.retry
     port = free_port("127.0.0.1", 0)  # nothing listens there
     ctx = tracking.TrackingContext(f"http://bot:hunter2@127.0.0.1:{port}", "1", "x", "mlflow-artifacts:/1", 2.0)
     t0 = time.monotonic()
@@ -91,7 +91,7 @@ def test_writers_wait_out_a_server_restart_and_nothing_is_lost_or_doubled(tmp_pa
     port = free_port("127.0.0.1", 0)
     with tracking.local_server(ctx.uri, artifacts, port=port, writers=writers) as uri:
         served = replace(ctx, uri=uri)
-        parent = tracking.start_sweep_run(served, "sweep", CONFIG)
+        parent = tracking.open_sweep_run(served, "sweep", CONFIG)
         w = load.start_writers(served, parent, writers, epochs, pause_s=0.3)
         total = writers * epochs * load.METRICS
         while (lost := load.count_points(db, parent, writers, epochs)[0]) > total - writers * load.METRICS:
@@ -101,7 +101,7 @@ def test_writers_wait_out_a_server_restart_and_nothing_is_lost_or_doubled(tmp_pa
     time.sleep(3)  # writes now fail: connection refused
     with tracking.local_server(ctx.uri, artifacts, port=port, writers=writers):
         errors, _, messages = load.wait_writers(w)
-        trials = tracking.search_trials(served, parent)
+        trials = tracking.child_runs(served, parent)
     assert (errors, messages) == (0, [])
     assert load.count_points(db, parent, writers, epochs) == (0, 0)  # every epoch of every trial, exactly once
     assert sorted(t["name"] for t in trials) == [f"writer={i}" for i in range(writers)]  # no run opened twice
@@ -135,8 +135,8 @@ def test_basic_auth_credentials_come_from_the_environment_and_never_reach_a_run(
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         ctx = tracking.prepare(uri, "auth")
         cfg = Config.model_validate({"name": "auth", "tracking": {"uri": uri}}).resolved()
-        parent = tracking.start_sweep_run(ctx, "sweep", cfg)
-        run = tracking.start_trial_run(ctx, parent, "seed=0", {"stage": "search", "space": "dcpnas", "seed": 0})
+        parent = tracking.open_sweep_run(ctx, "sweep", cfg)
+        run = tracking.open_child_run(ctx, parent, "seed=0", {"stage": "search", "space": "dcpnas", "seed": 0})
         tracking.log_epoch(ctx, run, {"loss": 0.5, "phase": "child"}, step=0)
         tracking.log_params(ctx, run, {"search": {"epochs": 1}})
         tracking.finish_run(ctx, run)

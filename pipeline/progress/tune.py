@@ -1,0 +1,90 @@
+"""The Ray side of live progress: a Tune ``Callback`` for sweeps, a Ray Train callback for retrain steps.
+
+A retrain step is a bare Ray Train run; its callbacks live in the Train controller actor, so they
+forward reports over a Ray queue that a driver thread shows on the :class:`~pipeline.progress.board.Board`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
+from ray.tune import Callback
+
+from pipeline.progress.board import Board
+
+
+class TuneProgress(Callback):
+    """Feeds a :class:`Board` from Tune's trial results; ``label(trial.config)`` names a trial.
+
+    Tune pickles its callbacks with the experiment (and restores them with it), so the board is made
+    when the experiment starts, never pickled."""
+
+    def __init__(self, label: Callable[[dict[str, Any]], str]) -> None:
+        self.label = label
+        self.board: Board | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"label": self.label, "board": None}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._board().start(self.label(trial.config))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._board().beat()  # Tune's event loop turns several times a second
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._board().update(self.label(trial.config), result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._board().finish(self.label(trial.config), "finished")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._board().finish(self.label(trial.config), "failed (Tune retries it while sweep.max_failures allows)")
+
+    def _board(self) -> Board:
+        self.board = self.board or Board()
+        return self.board
+
+
+class _ToQueue(UserCallback):
+    """Ray Train callback (runs in the Train controller): rank 0's report onto a Ray queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put({k: v for k, v in metrics[0].items() if isinstance(v, int | float | str)})
+
+
+@contextmanager
+def train_progress(name: str, board: Board | None = None) -> Iterator[UserCallback]:
+    """A Ray Train callback whose reports a driver thread shows on ``board`` as row ``name``."""
+    from queue import Empty
+
+    from ray.util.queue import Queue
+
+    board = board or Board()
+    queue, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def pump() -> None:
+        while not (stop.is_set() and queue.empty()):
+            try:
+                board.update(name, queue.get(timeout=0.5))
+            except Empty:
+                board.beat()  # Ray Train's workers start for tens of seconds before the first report
+
+    board.start(name)
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield _ToQueue(queue)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()
+        board.finish(name, "finished" if sys.exc_info()[0] is None else "failed")

@@ -1,0 +1,53 @@
+"""The one TorchTrainer of the pipeline: a search trial and a retrain step are both a group of DDP
+workers that report checkpoints and restart from the last one on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The worker group of one fit: ranks and what each reserves (``gpus`` 0: CPU ranks over gloo)."""
+
+    count: int
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus > 0 else {})
+
+
+def fit_workers(
+    worker: Callable[[Any], None],
+    task: Any,
+    workers: Workers,
+    *,
+    name: str,
+    storage_path: str,
+    max_failures: int,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """Run (or resume: the same ``name`` + ``storage_path``) ``worker(task)`` on every rank; returns the
+    Ray Train result. ``callbacks``: Ray Train callbacks (progress, Tune reporting)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = workers.gpus > 0
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=task,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers.count, use_gpu=use_gpu, resources_per_worker=workers.bundle),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks) or None,
+        ),
+    )
+    return trainer.fit()
