@@ -37,6 +37,7 @@ PAIRINGS = ("cycle", "min")
 PARENT_VAL_ACC, CHILD_VAL_ACC = "parent/val_acc", "child/val_acc"
 ALPHA_ENTROPY, SKIP_NORMAL = "alpha_entropy", "skip_normal"
 
+
 def pair_indices(n_weights: int, n_arch: int, pairing: str) -> Iterator[tuple[int, int, int]]:
     """(weight batch, arch batch, arch pass) of each step of a phase.
 

@@ -202,7 +202,7 @@ def test_interrupted_retrain_resumes_the_same_run_and_ends_where_an_uninterrupte
     done = run_retrain(cut, "ddpnas_mcn_2", log=lambda *_: None)
     assert done["run_id"] == first["run_id"]  # the same MLflow run continues
     ctx = tracking.prepare(cut.tracking.uri, cut.name)
-    history = tracking._client(ctx.uri).get_metric_history(done["run_id"], "step1/loss")
+    history = tracking.mlflow_client(ctx.uri).get_metric_history(done["run_id"], "step1/loss")
     assert sorted(m.step for m in history) == [0, 1]  # each epoch trained (and logged) once
 
     whole = shards_config(tmp_path / "whole", *sets)
@@ -237,7 +237,7 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     # Step 2 began with exactly step 1's final weights: its logged accuracy before any update equals step 1's
     # model with binarised weights (scales from the inherited weights), recomputed here from the step-1 artifact.
     ctx = tracking.prepare(cfg.tracking.uri, cfg.name)
-    logged = tracking._client(ctx.uri).get_metric_history(out["run_id"], "step2/init_top1")[0].value
+    logged = tracking.mlflow_client(ctx.uri).get_metric_history(out["run_id"], "step2/init_top1")[0].value
     step1 = read_model(str(tracking.download_artifact(ctx, out["run_id"], "step1/model.pt", tmp_path / "a")))
     inherited = network_from_file(step1, stage="binary_all")
     device = torch.device("cpu")

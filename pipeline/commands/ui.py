@@ -1,6 +1,6 @@
 """``dcpnas ui``: the MLflow UI over the store a config tracks into, until Ctrl-C.
 
-Over SQLite it runs the same ``mlflow server`` as ``tracking.local_server`` (one process group,
+Over SQLite it runs the same ``mlflow server`` as ``tracking.server.local_server`` (one process group,
 stopped and waited for on exit), on loopback unless another host is asked for: the server has
 no authentication. A server URI is already a UI, so it is only printed.
 """

@@ -15,6 +15,7 @@ from pipeline.tracking.runs import (
     CONFIG_ARTIFACT,
     FAILURE_TAG,
     PARENT_TAG,
+    REDACTED,
     RUN_KEY_TAG,
     TRIAL_KEY_TAG,
     child_runs,
@@ -35,15 +36,18 @@ from pipeline.tracking.runs import (
     open_sweep_run,
     runs_of_stage,
 )
+from pipeline.tracking.server import local_server
 from pipeline.tracking.store import (
     TrackingContext,
     artifacts_dir,
     connect,
     existing_store,
+    mlflow_client,
     prepare,
     resolve_uri,
     serving,
     slug,
+    sqlite_path,
     ui_experiment,
 )
 
@@ -53,6 +57,7 @@ __all__ = [
     "GENOTYPE_DIR",
     "PARENT_REF",
     "PARENT_TAG",
+    "REDACTED",
     "RUN_KEY_TAG",
     "TRIAL_KEY_TAG",
     "TrackingContext",
@@ -67,6 +72,7 @@ __all__ = [
     "get_run",
     "git_sha",
     "is_run_id",
+    "local_server",
     "log_artifact",
     "log_artifacts",
     "log_epoch",
@@ -76,6 +82,7 @@ __all__ = [
     "log_parent_genotype",
     "logged_steps",
     "metric_history",
+    "mlflow_client",
     "open_child_run",
     "open_sweep_run",
     "prepare",
@@ -83,5 +90,7 @@ __all__ = [
     "resolve_uri",
     "runs_of_stage",
     "serving",
-    "slug", "ui_experiment",
-]  # fmt: skip
+    "slug",
+    "sqlite_path",
+    "ui_experiment",
+]

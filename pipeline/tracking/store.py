@@ -185,10 +185,8 @@ def connect(cfg: Config) -> TrackingContext:
 
 def existing_store(uri: str | None) -> str:
     """The resolved tracking URI, refusing a SQLite file that does not exist (nothing was tracked there)."""
-    from pipeline import tracking
-
-    resolved = tracking.resolve_uri(uri)
-    if urlsplit(resolved).scheme == "sqlite" and not tracking.sqlite_path(resolved).exists():
+    resolved = resolve_uri(uri)
+    if urlsplit(resolved).scheme == "sqlite" and not sqlite_path(resolved).exists():
         raise UserError(f"no tracking store at {resolved}; run `dcpnas sweep` first or set tracking.uri")
     return resolved
 
