@@ -6,6 +6,12 @@ import argparse
 import json
 import os
 import re
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.data.sources import Source
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -60,7 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main_convert(args: argparse.Namespace) -> int:
     from pipeline.data.convert import Options, convert
-    from pipeline.data.sources import open_source
 
     source = open_source(args.format, getattr(args, "src", None), getattr(args, "val_labels", None))
     opts = Options(
@@ -120,3 +125,19 @@ def main_inspect(args: argparse.Namespace) -> int:
         ds.verify(progress=True)
         print(f"checksums: all {sum(len(s.shards) for s in m.splits.values())} shards match the manifest")
     return 0
+
+
+def open_source(fmt: str, src: str | None = None, val_labels: str | None = None) -> Source:
+    """The source for a CLI format name; ``src`` is its path or URI (digits needs none; fashion-mnist has a default)."""
+    from pipeline.data.idx import FASHION_MNIST_DIR, fashion_mnist
+    from pipeline.data.sources import cifar10, digits, imagefolder, imagenet
+
+    if fmt == "digits":
+        return digits()
+    if fmt == "fashion-mnist":
+        return fashion_mnist(src or FASHION_MNIST_DIR)
+    if src is None:
+        raise UserError(f"format {fmt!r} needs a source path")
+    if fmt == "imagenet":
+        return imagenet(src, val_labels)
+    return {"imagefolder": imagefolder, "cifar10": cifar10}[fmt](src)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -15,6 +14,7 @@ from pipeline.data.shards import open_dataset
 from pipeline.data.splits import SearchSplit, balanced_split
 from pipeline.data.stream import ShardStream
 from pipeline.data.transforms import EvalTransform, TrainTransform, on_device
+from pipeline.progress.board import Log
 
 
 def make_split(cfg: Config) -> SearchSplit:
@@ -96,7 +96,7 @@ class StreamSearchData:
         yield from on_device(self.held_out, self.device, self.mean, self.std)
 
 
-def ensure_shards(cfg: Config, log: Any = print) -> Config:
+def ensure_shards(cfg: Config, log: Log = print) -> Config:
     """The config the trials read: ``digits`` without a URI → shards converted once into ``<run_dir>/data/shards``."""
     if cfg.data.source == "shards" or cfg.data.uri:
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "shards"})})

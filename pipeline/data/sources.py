@@ -1,5 +1,5 @@
 """Input layouts the converter reads: ImageNet ILSVRC-2012, ImageFolder trees, CIFAR-10 python batches, digits
-(Fashion-MNIST's idx files: ``pipeline.data.idx``).
+(Fashion-MNIST's idx files: ``pipeline.data.idx``; ``dcpnas data convert`` picks one by format name).
 
 Each function lists its inputs (no image is decoded here) and checks the layout, raising a UserError that
 names the path at fault: a missing folder, an empty class folder, a val label file that does not match the
@@ -250,18 +250,3 @@ def digits() -> Source:
         idx = np.array([int(k) for k in part])
         splits[name] = Inputs(list(part), labels[idx], np.full(len(idx), 8 * 8 * 3), pixels=images[idx])
     return Source([str(i) for i in range(10)], splits, None, {"format": "digits"})
-
-
-def open_source(fmt: str, src: str | None = None, val_labels: str | None = None) -> Source:
-    """The source for a CLI format name; ``src`` is its path or URI (digits needs none; fashion-mnist has a default)."""
-    if fmt == "digits":
-        return digits()
-    if fmt == "fashion-mnist":
-        from pipeline.data.idx import FASHION_MNIST_DIR, fashion_mnist
-
-        return fashion_mnist(src or FASHION_MNIST_DIR)
-    if src is None:
-        raise UserError(f"format {fmt!r} needs a source path")
-    if fmt == "imagenet":
-        return imagenet(src, val_labels)
-    return {"imagefolder": imagefolder, "cifar10": cifar10}[fmt](src)

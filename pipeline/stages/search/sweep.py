@@ -215,7 +215,7 @@ def _trial(cfg: Config, params: dict[str, Any]) -> Trial:
     return Trial.of(int(params["seed"]), str(params["space"]), override_sets(cfg)[int(params.get("variant", 0))])
 
 
-def _save_split(cfg: Config, log: Any) -> tuple[str, str]:
+def _save_split(cfg: Config, log: Log) -> tuple[str, str]:
     split = make_split(cfg)
     path = (cfg.run_dir() / "split.json").resolve()
     if path.exists():
