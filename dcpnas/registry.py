@@ -23,16 +23,8 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator: ``@OPS.register("sep_conv_3x3")`` (defaults to the object's ``__name__``)."""
-
-        def deco(obj: T) -> T:
-            self.add(name or obj.__name__, obj)  # type: ignore[attr-defined]
-            return obj
-
-        return deco
-
     def add(self, name: str, obj: T) -> None:
+        """The one way to register: a plain call next to the definitions, so a module's entries read as a list."""
         if name in self._entries:
             raise ValueError(f"{self.kind} '{name}' is already registered")
         self._entries[name] = obj

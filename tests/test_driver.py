@@ -15,9 +15,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from test_local_cluster import lc
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -80,7 +80,7 @@ def test_unreachable_addresses_fail_before_any_compute(tmp_path, capsys, monkeyp
     assert not (tmp_path / "demo").exists()
 
 
-def kill_run(proc: subprocess.Popen, marker: str) -> int:
+def kill_run(lc: ModuleType, proc: subprocess.Popen, marker: str) -> int:
     """SIGKILL the driver's process group, then every process of that run left behind (the local Ray's GCS,
     raylet, agents and workers and the MLflow server run in other sessions but carry ``marker``); returns
     how many orphans there were."""
@@ -106,7 +106,7 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
+def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path: Path, lc: ModuleType) -> None:
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     sets = [
         f"output_dir={out}",
@@ -146,7 +146,7 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path) -> None:
             time.sleep(0.5)
         assert first.poll() is None, "the run ended before it could be killed"
     finally:
-        orphans = kill_run(first, first_marker)
+        orphans = kill_run(lc, first, first_marker)
     assert orphans > 0  # the kill left Ray/MLflow processes in other sessions behind, and they were found
     try:
         rc, lines = run_timed(cmd, tmp_path, {**env, lc.MARKER: second_marker}, timeout_s=1800)

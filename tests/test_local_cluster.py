@@ -3,32 +3,21 @@ auth, and ``stop`` kills exactly its own processes while another Ray cluster on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-# cluster/ is a script directory, not a package: load the module from its file so any pytest invocation works.
-_spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
-assert _spec is not None and _spec.loader is not None
-lc = importlib.util.module_from_spec(_spec)
-sys.modules["local_cluster"] = lc
-_spec.loader.exec_module(lc)
 
 # Runs in a separate process with only the cluster's env: ray.init() and JobSubmissionClient() must find the cluster
 # and authenticate from RAY_ADDRESS / RAY_API_SERVER_ADDRESS / RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH alone.
@@ -73,15 +62,7 @@ def gone(rec: dict) -> bool:
         return True
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """Ray's unix sockets live under the temp dir and must fit in 107 bytes; pytest's tmp_path is too deep."""
-    d = Path(tempfile.mkdtemp(prefix="lc", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def start_decoy(base: Path, decoy_id: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_decoy(lc: ModuleType, base: Path, decoy_id: str) -> tuple[subprocess.Popen[bytes], int]:
     """An unrelated single-node Ray head on 127.0.0.4 (no dashboard, auth off), tagged only so the test can clean up."""
     port, client, agent = lc.free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -103,7 +84,7 @@ def start_decoy(base: Path, decoy_id: str) -> tuple[subprocess.Popen[bytes], int
     return proc, port
 
 
-def test_rejects_loopback_127_0_0_1_and_unknown_auth(tmp_path: Path) -> None:
+def test_rejects_loopback_127_0_0_1_and_unknown_auth(tmp_path: Path, lc: ModuleType) -> None:
     with pytest.raises(ValueError, match="rewrites"):
         lc.LocalCluster(tmp_path, worker_ip="127.0.0.1")
     with pytest.raises(ValueError, match="auth"):
@@ -115,11 +96,13 @@ def test_rejects_loopback_127_0_0_1_and_unknown_auth(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.xdist_group("loopback-cluster")
 @pytest.mark.timeout(300)
-def test_two_node_cluster_tasks_auth_job_and_exact_stop(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_node_cluster_tasks_auth_job_and_exact_stop(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, lc: ModuleType
+) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     decoy_id = uuid.uuid4().hex
-    decoy, decoy_port = start_decoy(short_tmp, decoy_id)
+    decoy, decoy_port = start_decoy(lc, short_tmp, decoy_id)
     decoy_procs: list[dict] = []
     c = lc.LocalCluster(short_tmp / "c", grace_s=2.0)
     try:

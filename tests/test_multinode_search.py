@@ -7,17 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from test_local_cluster import lc
-from test_search_stage import digits_shards, stage_config  # noqa: F401  (digits_shards is a fixture)
+
+if TYPE_CHECKING:
+    from local_cluster import LocalCluster  # cluster/local_cluster.py, loaded by conftest's `lc` fixture
+
+    from pipeline.config import Config
 
 pytestmark = [pytest.mark.ray, pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("loopback-cluster")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,19 +75,7 @@ print("RESULT " + json.dumps({
 """
 
 
-@pytest.fixture
-def cluster() -> Iterator[lc.LocalCluster]:
-    """The 2-node cluster (1 CPU each) in a short temp dir: Ray's unix socket paths must fit in 107 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="mn", dir="/tmp"))
-    c = lc.LocalCluster(d / "c", grace_s=2.0)
-    try:
-        with c:
-            yield c
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def start_driver(c: lc.LocalCluster, cfg_tree: dict, split_uri: str, storage: Path, name: str) -> subprocess.Popen:
+def start_driver(c: LocalCluster, cfg_tree: dict, split_uri: str, storage: Path, name: str) -> subprocess.Popen:
     events = storage / f"{name}.events.jsonl"
     args = {
         "config": cfg_tree,
@@ -120,8 +110,9 @@ def read_events(path: Path) -> list[dict]:
 
 
 def test_search_spans_both_nodes_and_resumes_after_the_worker_node_dies(
-    cluster: lc.LocalCluster,
-    digits_shards: str,  # noqa: F811
+    loopback_cluster: LocalCluster,
+    digits_shards: str,
+    stage_config: Callable[..., Config],
     tmp_path: Path,
 ) -> None:
     from dcpnas.search import DCPNASSearch
@@ -138,27 +129,27 @@ def test_search_spans_both_nodes_and_resumes_after_the_worker_node_dies(
 
     # 1. uninterrupted: one DDP rank per node (1 CPU each), all epochs, ranks agree
     t0 = time.monotonic()
-    clean = finish(start_driver(cluster, cfg.resolved(), split_uri, storage, "clean"))
+    clean = finish(start_driver(loopback_cluster, cfg.resolved(), split_uri, storage, "clean"))
     print(f"uninterrupted 2-node search: {time.monotonic() - t0:.1f} s")
     assert clean["error"] is None
     assert clean["metrics"]["epoch"] == 1 and clean["metrics"]["ranks_agree"] is True
-    assert clean["worker_ips"] == [cluster.head_ip, cluster.worker_ip]
+    assert clean["worker_ips"] == [loopback_cluster.head_ip, loopback_cluster.worker_ip]
     # epoch reports carry a checkpoint; the within-epoch progress reports in between do not
     assert [e["epochs"] for e in read_events(storage / "clean.events.jsonl") if e.get("checkpoint")] == [[0, 0], [1, 1]]
 
     # 2. the worker node dies once the first epoch checkpoint is persisted, and comes back
     t0 = time.monotonic()
-    driver = start_driver(cluster, cfg.resolved(), split_uri, storage, "killed")
+    driver = start_driver(loopback_cluster, cfg.resolved(), split_uri, storage, "killed")
     events_path = storage / "killed.events.jsonl"
     try:
         while not any(e.get("checkpoint") for e in read_events(events_path)):
             assert driver.poll() is None, driver.communicate()[0][-4000:]
             assert time.monotonic() - t0 < 240, "no checkpoint reported"
             time.sleep(0.2)
-        killed = cluster.kill_worker_node()
+        killed = loopback_cluster.kill_worker_node()
         reported_before_kill = [e["epochs"] for e in read_events(events_path) if e.get("checkpoint")]
         assert killed and reported_before_kill == [[0, 0]], "the kill came later than intended"
-        cluster.restart_worker_node()
+        loopback_cluster.restart_worker_node()
         resumed = finish(driver)
     finally:
         if driver.poll() is None:
@@ -173,7 +164,7 @@ def test_search_spans_both_nodes_and_resumes_after_the_worker_node_dies(
     failed_at = next(i for i, e in enumerate(events) if "failed_ranks" in e)
     assert 0 < failed_at < len(events) - 1, events  # the failure fell between the first and the last report
     # two worker groups (before and after the crash), each spread over both nodes
-    assert resumed["worker_ips"] == [cluster.head_ip] * 2 + [cluster.worker_ip] * 2
+    assert resumed["worker_ips"] == [loopback_cluster.head_ip] * 2 + [loopback_cluster.worker_ip] * 2
     assert resumed["metrics"]["epoch"] == 1 and resumed["metrics"]["ranks_agree"] is True
     assert resumed["metrics"]["genotype_hash"] == clean["metrics"]["genotype_hash"]
     # bitwise-equal final alphas, and they did move in the architecture epoch (the equality is not trivial)

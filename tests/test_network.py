@@ -1,17 +1,23 @@
-"""Discrete networks and the candidate ops they are built from (spec §2.2, §9)."""
+"""Discrete networks, the candidate ops they are built from and every registered space's supernet (spec §2.2, §9)."""
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcpnas.binary import Binarize, BinaryConv2d
 from dcpnas.cost import param_counts
-from dcpnas.genotype import load_genotype
+from dcpnas.genotype import Genotype, load_genotype
 from dcpnas.network import SIZES, NetworkCIFAR, NetworkImageNet, create_network
 from dcpnas.ops import OpContext, create_op
-from dcpnas.registry import OPS, UnknownNameError
+from dcpnas.registry import NETWORKS, OPS, SPACES, UnknownNameError
+from dcpnas.spaces import get_space
+from dcpnas.supernet import SuperNet
 
 STYLE_STAGES = [("darts", "real"), ("bnn", "real"), ("bnn", "binary_act"), ("bnn", "binary_all")]
 
@@ -158,3 +164,45 @@ def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
         assert not torch.allclose(net.train()(x), net(x))
         net.eval()
         assert torch.equal(net(x), net(x))
+
+
+# ---- every registered space and network -------------------------------------------------------
+
+
+def space_genotype(space: str) -> Genotype:
+    """A genotype of ``space`` derived from a seeded random alpha, so that any of the space's ops may appear."""
+    s = get_space(space)
+    alpha = torch.randn(2, s.num_edges, s.num_ops, generator=torch.Generator().manual_seed(0))
+    return Genotype.from_alphas(alpha, s)
+
+
+def network_cases() -> list[Any]:
+    """Every registered network with a genotype of every space. Networks whose size is an argument run tiny; the
+    dcpnas_* presets fix a full ImageNet size (seconds a case), so they run with the slow tests."""
+    cases = []
+    for network in NETWORKS.names():
+        sized = "C" in inspect.signature(NETWORKS.get(network)).parameters
+        marks = () if sized else pytest.mark.slow
+        cases += [pytest.param(network, space, sized, id=f"{network}-{space}", marks=marks) for space in SPACES]
+    return cases
+
+
+@pytest.mark.parametrize("space", SPACES.names())
+def test_every_space_builds_a_supernet_that_gives_logits_and_a_genotype(space: str) -> None:
+    s = get_space(space)
+    torch.manual_seed(0)
+    net = SuperNet(s, num_classes=3, init_channels=4, layers=3, alpha_init_std=0.3)
+    logits = net(torch.randn(2, 3, 8, 8))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    assert Genotype.from_alphas(net.alpha, s).validate().space == space
+
+
+@pytest.mark.parametrize(("network", "space", "sized"), network_cases())
+def test_every_network_builds_from_a_genotype_of_every_space_and_trains(network: str, space: str, sized: bool) -> None:
+    torch.manual_seed(0)
+    size = {"C": 4, "layers": 3} if sized else {}
+    net = create_network(network, num_classes=3, genotype=space_genotype(space), stage="binary_all", **size)
+    logits = net(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 3)
+    F.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

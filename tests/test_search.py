@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from dcpnas.checkpoint import ResumeMismatchError, load_checkpoint, save_checkpoint
 from dcpnas.search import DCPNASSearch, SearchConfig, TensorSearchData
-
-
-def tiny_config(**overrides) -> SearchConfig:
-    base = dict(
-        space="dcpnas_3x3",
-        num_classes=3,
-        init_channels=4,
-        layers=3,
-        epochs=2,
-        warmup_epochs=1,
-        arch_lr=0.05,
-        psi_lr=5.0,
-        seed=7,
-    )
-    return SearchConfig(**{**base, **overrides})
 
 
 def tiny_data(seed: int = 0) -> TensorSearchData:
@@ -45,7 +32,7 @@ def snapshot(s: DCPNASSearch) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted() -> DCPNASSearch:
+def uninterrupted(tiny_config: Callable[..., SearchConfig]) -> DCPNASSearch:
     full = DCPNASSearch(tiny_config())
     full.run(tiny_data())
     return full
@@ -60,7 +47,9 @@ def uninterrupted() -> DCPNASSearch:
         11,
     ],
 )
-def test_resume_gives_bitwise_identical_alphas(tmp_path, uninterrupted: DCPNASSearch, stop_after: int) -> None:
+def test_resume_gives_bitwise_identical_alphas(
+    tmp_path, uninterrupted: DCPNASSearch, stop_after: int, tiny_config: Callable[..., SearchConfig]
+) -> None:
     cfg = tiny_config()
     full = uninterrupted
     interrupted = DCPNASSearch(cfg)
@@ -79,7 +68,7 @@ def test_resume_gives_bitwise_identical_alphas(tmp_path, uninterrupted: DCPNASSe
     assert [h["genotype_hash"] for h in full.history] == [h["genotype_hash"] for h in resumed.history]
 
 
-def test_resume_refuses_a_different_config(tmp_path) -> None:
+def test_resume_refuses_a_different_config(tmp_path, tiny_config: Callable[..., SearchConfig]) -> None:
     s = DCPNASSearch(tiny_config())
     path = save_checkpoint(s.state_dict(), tmp_path / "ckpt.pt")
     other = DCPNASSearch(tiny_config(lam=0.5))
@@ -87,7 +76,7 @@ def test_resume_refuses_a_different_config(tmp_path) -> None:
         other.load_state_dict(load_checkpoint(path))
 
 
-def test_architecture_is_inherited_both_ways_and_frozen_in_warmup() -> None:
+def test_architecture_is_inherited_both_ways_and_frozen_in_warmup(tiny_config: Callable[..., SearchConfig]) -> None:
     s = DCPNASSearch(tiny_config(epochs=2, warmup_epochs=1))
     start = s.child.alpha.detach().clone()
     s.run(tiny_data(), max_steps=6)  # the whole first (warm-up) epoch
@@ -105,14 +94,14 @@ def test_architecture_is_inherited_both_ways_and_frozen_in_warmup() -> None:
 
 
 @pytest.mark.slow
-def test_phase_tangent_and_exact_hessian_variants_run() -> None:
+def test_phase_tangent_and_exact_hessian_variants_run(tiny_config: Callable[..., SearchConfig]) -> None:
     for overrides in ({"tangent": "phase"}, {"hessian": "exact"}, {"discrepancy": "cos", "decoupled": False}):
         s = DCPNASSearch(tiny_config(**overrides))
         g = s.run(tiny_data())
         assert g.validate() and torch.isfinite(s.child.alpha).all(), overrides
 
 
-def test_config_errors_name_the_field() -> None:
+def test_config_errors_name_the_field(tiny_config: Callable[..., SearchConfig]) -> None:
     with pytest.raises(ValueError, match=r"search\.hessian: 'hvp' is not one of ggn, exact"):
         tiny_config(hessian="hvp")
     with pytest.raises(ValueError, match=r"search.warmup_epochs: 5 must lie in \[0, epochs=2\]"):
@@ -121,7 +110,7 @@ def test_config_errors_name_the_field() -> None:
         tiny_config(space="nope")
 
 
-def test_divergence_is_reported() -> None:
+def test_divergence_is_reported(tiny_config: Callable[..., SearchConfig]) -> None:
     from dcpnas.search import DivergedError
 
     s = DCPNASSearch(tiny_config(parent_lr=float("nan")))

@@ -10,6 +10,7 @@ and compares. A sign flipped, a term dropped (lambda, mu, the tangent) or an inh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,22 +22,9 @@ from dcpnas.search import DCPNASSearch, SearchConfig, TensorSearchData
 from dcpnas.supernet import frozen_bn_stats
 from dcpnas.tangent import child_arch_gradient, parent_tangent
 
-
-def config(**overrides) -> SearchConfig:
-    base = dict(
-        space="dcpnas_3x3",
-        num_classes=3,
-        init_channels=4,
-        layers=3,
-        epochs=1,
-        warmup_epochs=0,
-        alpha_init_std=0.3,
-        decoupled=False,
-        lam=2.0,  # large enough that the second-order term shapes the gradient
-        mu=0.5,
-        seed=3,
-    )
-    return SearchConfig(**{**base, **overrides})
+# The gradient checks' search: architecture steps from the first step, a spread-out alpha, no decoupled
+# back-tracking, and a lam large enough that the second-order term shapes the Child's gradient.
+GRADIENT_CHECK = dict(epochs=1, warmup_epochs=0, alpha_init_std=0.3, decoupled=False, lam=2.0, mu=0.5, seed=3)
 
 
 def batches(seed: int = 0, n: int = 8) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -67,8 +55,8 @@ def arch_grad_at(net, alpha0: torch.Tensor, fn):
             net.alpha.copy_(now)
 
 
-def test_parent_step_descends_ce_on_weights_and_architecture() -> None:
-    cfg = config()
+def test_parent_step_descends_ce_on_weights_and_architecture(tiny_config: Callable[..., SearchConfig]) -> None:
+    cfg = tiny_config(**GRADIENT_CHECK)
     s = DCPNASSearch(cfg, dtype=torch.float64)
     (x, y), (xa, ya) = batches()
     alpha0 = s.parent.alpha.detach().clone()
@@ -94,8 +82,8 @@ def test_parent_step_descends_ce_on_weights_and_architecture() -> None:
     assert (s.parent.alpha - alpha0).mul(expected).sum() < 0, "the Parent must descend its CE"
 
 
-def test_child_step_follows_eq_4_32_and_eq_4_33() -> None:
-    cfg = config()
+def test_child_step_follows_eq_4_32_and_eq_4_33(tiny_config: Callable[..., SearchConfig]) -> None:
+    cfg = tiny_config(**GRADIENT_CHECK)
     s = DCPNASSearch(cfg, dtype=torch.float64)
     (x, y), (xa, ya) = batches(1)
     alpha0 = s.child.alpha.detach().clone()
@@ -131,8 +119,8 @@ def test_child_step_follows_eq_4_32_and_eq_4_33() -> None:
     assert (expected - g1).norm() > 0.1 * g1.norm(), "lam * H v must matter at this lam"
 
 
-def test_architecture_is_handed_over_child_to_parent_at_each_epoch() -> None:
-    cfg = config(epochs=3, warmup_epochs=1, alpha_init_std=1e-3, decoupled=True, lam=5e-3, mu=0.2)
+def test_architecture_is_handed_over_child_to_parent_at_each_epoch(tiny_config: Callable[..., SearchConfig]) -> None:
+    cfg = tiny_config(epochs=3, warmup_epochs=1, alpha_init_std=1e-3, decoupled=True, lam=5e-3, mu=0.2, seed=3)
     g = torch.Generator().manual_seed(0)
     split = lambda n: (torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))  # noqa: E731
     data = TensorSearchData(split(16), split(16), split(8), batch_size=8)

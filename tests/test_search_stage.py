@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,36 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import Config, load_config
-from pipeline.data.convert import Options, convert
-from pipeline.data.sources import digits
+from pipeline.config import Config
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> str:
-    uri = str(tmp_path_factory.mktemp("digits") / "shards")
-    convert(digits(), uri, Options(workers=1, progress=False))
-    return uri
-
-
-def stage_config(uri: str, out: Path, **search) -> Config:
-    sets = [
-        "data.source=shards",
-        f"data.uri={uri}",
-        "data.batch_size=32",
-        "data.weight_fraction=0.1",
-        "data.arch_fraction=0.1",
-        "search.init_channels=4",
-        "search.layers=3",
-        "search.epochs=2",
-        "search.warmup_epochs=1",
-        "search.arch_lr=0.01",
-        f"output_dir={out}",
-        *(f"search.{k}={v}" for k, v in search.items()),
-    ]
-    return load_config(None, sets)
 
 
 def free_port() -> int:
@@ -84,7 +58,9 @@ def run_ranks(cfg: Config, split_uri: str, world: int, out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_agree_after_every_arch_step_and_follow_one_rank(digits_shards, tmp_path) -> None:
+def test_two_ranks_agree_after_every_arch_step_and_follow_one_rank(
+    digits_shards: str, stage_config: Callable[..., Config], tmp_path: Path
+) -> None:
     from pipeline.data.search_data import make_split
 
     cfg = stage_config(digits_shards, tmp_path)
@@ -109,7 +85,9 @@ def test_two_ranks_agree_after_every_arch_step_and_follow_one_rank(digits_shards
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_train_search_reports_checkpoints_and_resumes(digits_shards, tmp_path) -> None:
+def test_ray_train_search_reports_checkpoints_and_resumes(
+    digits_shards: str, stage_config: Callable[..., Config], tmp_path: Path
+) -> None:
     import ray
 
     from pipeline.data.search_data import make_split

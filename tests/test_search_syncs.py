@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import traceback
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
-from test_search import tiny_config
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dcpnas.search import DCPNASSearch, TensorSearchData, pair_indices
+from dcpnas.search import DCPNASSearch, SearchConfig, TensorSearchData, pair_indices
 
 HOST_COPIES = (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu)
 
@@ -72,7 +72,9 @@ def uneven_data(n_weights: int = 40, n_arch: int = 16, batch: int = 8, **kw) -> 
 
 
 @pytest.mark.slow
-def test_hot_loop_syncs_the_host_at_most_once_per_step_with_architecture_updates() -> None:
+def test_hot_loop_syncs_the_host_at_most_once_per_step_with_architecture_updates(
+    tiny_config: Callable[..., SearchConfig],
+) -> None:
     # One epoch, architecture on from the first step: 4 weight batches against 2 arch batches per phase.
     search = DCPNASSearch(tiny_config(epochs=1, warmup_epochs=0, finite_check_steps=4))
     with SyncCounter(search) as syncs:

@@ -3,23 +3,23 @@ the 2-node loopback cluster behind token auth (a job that succeeds, one that fai
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from pipeline.commands.submit import DEFAULT_ADDRESS, _runtime_env, build_entrypoint, load_job, resolve_address
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from local_cluster import LocalCluster  # cluster/local_cluster.py, loaded by conftest's `lc` fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 DCPNAS = str(Path(sys.executable).parent / "dcpnas")
@@ -128,26 +128,15 @@ def test_an_unreachable_address_fails_fast_with_a_clear_message() -> None:
 
 
 # -- real submissions to the 2-node loopback cluster ------------------------------------------------------------------
-_spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
-assert _spec is not None and _spec.loader is not None
-lc = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("local_cluster", lc)
-_spec.loader.exec_module(lc)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """Ray's unix sockets live under the cluster dir and must fit in 107 bytes; pytest's tmp_path is too deep."""
-    d = Path(tempfile.mkdtemp(prefix="sub", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.xdist_group("loopback-cluster")
 @pytest.mark.timeout(900)
-def test_submit_the_real_job_to_a_token_auth_cluster_and_report_a_failed_one(short_tmp: Path) -> None:
+def test_submit_the_real_job_to_a_token_auth_cluster_and_report_a_failed_one(
+    short_tmp: Path, loopback_cluster: LocalCluster
+) -> None:
     # The repository's ray_job.yaml as users submit it, with the demo config shrunk through --config/--set; MLflow and
     # outputs go to this test's directory (the job's MLFLOW_TRACKING_URI names the cluster service, absent here).
     shrink = [
@@ -159,38 +148,37 @@ def test_submit_the_real_job_to_a_token_auth_cluster_and_report_a_failed_one(sho
         "search.warmup_epochs=0",
         "retrain.top_k=0",  # retraining has its own tests; here the job's runs only need to reach MLflow
     ]
-    with lc.LocalCluster(short_tmp / "c", grace_s=2.0) as c:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | c.env
-        env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"  # --address must win over the environment
-        common = [
-            "submit",
-            "--address",
-            c.dashboard_url,
-            "--job",
-            str(ROOT / "ray_job.yaml"),
-            "--config",
-            "configs/demo.yaml",
-        ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"} | loopback_cluster.env
+    env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"  # --address must win over the environment
+    common = [
+        "submit",
+        "--address",
+        loopback_cluster.dashboard_url,
+        "--job",
+        str(ROOT / "ray_job.yaml"),
+        "--config",
+        "configs/demo.yaml",
+    ]
 
-        # without the token the Jobs API refuses: a clear message naming the fix, no traceback
-        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
-        denied = dcpnas(*common, env=no_token, timeout=120)
-        assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
-        assert "wants the cluster's token: set RAY_AUTH_MODE=token" in denied.stderr
+    # without the token the Jobs API refuses: a clear message naming the fix, no traceback
+    no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled"}
+    denied = dcpnas(*common, env=no_token, timeout=120)
+    assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
+    assert "wants the cluster's token: set RAY_AUTH_MODE=token" in denied.stderr
 
-        ok = dcpnas(*common, *[a for item in shrink for a in ("--set", item)], env=env, timeout=840)
-        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-        assert "submitted job raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
-        assert "dcpnas run configs/demo.yaml --set" in ok.stdout
-        assert "seed=0,space=dcpnas_3x3" in ok.stdout  # the followed logs: the sweep ran with our overrides
-        from mlflow.tracking import MlflowClient
+    ok = dcpnas(*common, *[a for item in shrink for a in ("--set", item)], env=env, timeout=840)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "submitted job raysubmit_" in ok.stdout and "SUCCEEDED" in ok.stdout
+    assert "dcpnas run configs/demo.yaml --set" in ok.stdout
+    assert "seed=0,space=dcpnas_3x3" in ok.stdout  # the followed logs: the sweep ran with our overrides
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"sqlite:///{short_tmp / 'mlflow.db'}")
-        runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
-        stages = sorted((r.data.tags.get("stage"), r.info.status) for r in runs)
-        assert stages == [("search", "FINISHED"), ("sweep", "FINISHED")], stages
+    client = MlflowClient(tracking_uri=f"sqlite:///{short_tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    stages = sorted((r.data.tags.get("stage"), r.info.status) for r in runs)
+    assert stages == [("search", "FINISHED"), ("sweep", "FINISHED")], stages
 
-        bad = dcpnas(*common, "--set", "search.no_such_field=1", env=env, timeout=300)
-        assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
-        assert "no_such_field" in bad.stdout  # the driver's own error, streamed back
-        assert "FAILED: Job entrypoint command failed with exit code 2" in bad.stderr
+    bad = dcpnas(*common, "--set", "search.no_such_field=1", env=env, timeout=300)
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert "no_such_field" in bad.stdout  # the driver's own error, streamed back
+    assert "FAILED: Job entrypoint command failed with exit code 2" in bad.stderr
