@@ -28,7 +28,6 @@ def _fresh_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-
 def build_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> Path:
     """Write ``index.html``, ``summary.json`` and the PNGs of the sweep's report into ``out_dir``."""
     out_dir = Path(out_dir)
@@ -58,7 +57,6 @@ def build_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> Path
     page = render_html(sweep, ctx.experiment_name, display_uri(ctx.uri), trials, summary, plots, extra)
     index.write_text(page, encoding="utf-8")
     return index
-
 
 
 def publish_report(ctx: TrackingContext, sweep_run_id: str, out_dir: Path) -> None:

@@ -23,7 +23,6 @@ from pipeline.names import (
 REPORT_ARTIFACT_DIR = "report"
 
 
-
 SEARCH_COLUMNS = (
     (CHILD_VAL_ACC, "child val acc"),
     ("parent/val_acc", "parent val acc"),
@@ -32,7 +31,6 @@ SEARCH_COLUMNS = (
     ("skip_reduce", "skips reduce"),
     ("search_minutes", "search time (min)"),
 )
-
 
 
 RETRAIN_COLUMNS = (
@@ -47,9 +45,7 @@ RETRAIN_COLUMNS = (
 )
 
 
-
 SEARCH_CURVES = (CHILD_VAL_ACC, PARENT_VAL_ACC, ALPHA_ENTROPY, SKIP_NORMAL)
-
 
 
 RETRAIN_CURVES = (
@@ -60,14 +56,11 @@ RETRAIN_CURVES = (
 )
 
 
-
 GENOTYPE_IMAGES = ("normal.png", "reduce.png", "alpha_history.png")
-
 
 
 # Resource params per stage, tried in order: a run's own params first, then the sweep run's config.
 RESOURCE_PREFIXES = {"search": ("sweep",), "retrain": ("retrain",), "eval": ("eval", "retrain")}
-
 
 
 @dataclass(frozen=True)
@@ -86,7 +79,6 @@ class Stat:
         return cls(len(xs), statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-
 @dataclass(frozen=True)
 class Cost:
     """Resource use of one run; ``how`` says where the numbers came from (shown in the page)."""
@@ -94,7 +86,6 @@ class Cost:
     core_hours: float | None
     gpu_hours: float | None
     how: str
-
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -110,7 +101,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return front
 
 
-
 def _number(value: str | None) -> float | None:
     """A param as logged by tracking (JSON text) as a float; None when absent, null or not a number."""
     try:
@@ -118,7 +108,6 @@ def _number(value: str | None) -> float | None:
     except json.JSONDecodeError:
         return None
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
 
 
 def run_cost(run: Mapping[str, Any], params: Mapping[str, str], prefixes: Sequence[str], now_ms: int) -> Cost:
@@ -143,11 +132,9 @@ def run_cost(run: Mapping[str, Any], params: Mapping[str, str], prefixes: Sequen
     return Cost(None, None, f"unknown: no cost/* metrics and no {' or '.join(f'{p}.workers' for p in prefixes)} param")
 
 
-
 def seed_order(seed: str) -> tuple[int, str]:
     """Numeric seeds in numeric order (tags are strings: "10" after "9")."""
     return (len(seed), seed) if seed.isdigit() else (1 << 30, seed)
-
 
 
 @dataclass
@@ -162,7 +149,6 @@ class Retrain:
     @property
     def finished(self) -> bool:
         return self.run["status"] == "FINISHED"
-
 
 
 @dataclass

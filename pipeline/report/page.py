@@ -25,7 +25,6 @@ figcaption { font-size: 0.85em; color: #444; } code { background: #f3f3f3; paddi
 """
 
 
-
 def _search_table(summary: Mapping[str, Any]) -> str:
     rows = [
         row(
@@ -38,7 +37,6 @@ def _search_table(summary: Mapping[str, Any]) -> str:
     return table(["space", "finished/trials", *(h for _, h in SEARCH_COLUMNS)], rows)
 
 
-
 def _retrain_table(summary: Mapping[str, Any]) -> str:
     rows = []
     for space, s in summary["spaces"].items():
@@ -49,7 +47,6 @@ def _retrain_table(summary: Mapping[str, Any]) -> str:
             cells += [td(fmt_stat(s["retrain"][k])) for k, _ in RETRAIN_COLUMNS]
         rows.append(row(cells, f' id="retrain-{_e(space)}"'))
     return table(["space", "retrained", *(h for _, h in RETRAIN_COLUMNS)], rows)
-
 
 
 def _cost_table(summary: Mapping[str, Any]) -> str:
@@ -66,11 +63,9 @@ def _cost_table(summary: Mapping[str, Any]) -> str:
     return table(header, rows)
 
 
-
 def _status(run: Mapping[str, Any]) -> str:
     reason = run["tags"].get("failure_reason", "")
     return f"{run['status']}: {reason}" if reason else run["status"]
-
 
 
 def _trials_table(trials: Sequence[Trial]) -> str:
@@ -98,7 +93,6 @@ def _trials_table(trials: Sequence[Trial]) -> str:
     return table([*header, "retrain"], rows, left=4)
 
 
-
 def _retrains_table(trials: Sequence[Trial], front: set[str]) -> str:
     rows = []
     for t in trials:
@@ -119,7 +113,6 @@ def _retrains_table(trials: Sequence[Trial], front: set[str]) -> str:
     return table([*header, "core-h", "GPU-h", "cost from"], rows, left=4)
 
 
-
 def _genotype_figures(trials: Sequence[Trial], names: Sequence[str]) -> str:
     parts = []
     for space in sorted({t.space for t in trials}):
@@ -131,7 +124,6 @@ def _genotype_figures(trials: Sequence[Trial], names: Sequence[str]) -> str:
             figs.append(f"<figure>{body}<figcaption>{_e(caption)}</figcaption></figure>")
         parts.append(f"<h3>{_e(space)}</h3><div>{''.join(figs)}</div>")
     return "".join(parts)
-
 
 
 def render_html(

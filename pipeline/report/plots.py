@@ -17,7 +17,6 @@ def space_colors(spaces: Iterable[str]) -> dict[str, str]:
     return {s: cmap(i % 10) for i, s in enumerate(sorted(set(spaces)))}
 
 
-
 def plot_curves(series: Sequence[tuple[str, Any, str, Mapping]], keys: Sequence[str], path: Path) -> str | None:
     """One panel per metric in ``keys`` that some run logged; a line per ``(label, color, style, history)``."""
     import matplotlib
@@ -44,11 +43,9 @@ def plot_curves(series: Sequence[tuple[str, Any, str, Mapping]], keys: Sequence[
     return save_figure(fig, path)
 
 
-
 def seed_styles(trials: Sequence[Trial]) -> dict[str, str]:
     seeds = sorted({t.seed for t in trials}, key=seed_order)
     return {s: ("-", "--", ":", "-.")[i % 4] for i, s in enumerate(seeds)}
-
 
 
 def plot_pareto(points: Sequence[Mapping[str, Any]], colors: Mapping[str, Any], path: Path) -> str | None:

@@ -3,7 +3,7 @@ the finished retrains on or off the accuracy-vs-OPs front."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.report.model import RETRAIN_COLUMNS, SEARCH_COLUMNS, Stat, Trial, pareto_front, sum_known
@@ -11,7 +11,6 @@ from pipeline.report.model import RETRAIN_COLUMNS, SEARCH_COLUMNS, Stat, Trial, 
 
 def _stats(rows: Sequence[Mapping[str, float]], columns: Sequence[tuple[str, str]]) -> dict[str, Stat | None]:
     return {k: Stat.of(r.get(k) for r in rows) for k, _ in columns}
-
 
 
 def _pareto_points(trials: Sequence[Trial]) -> list[dict[str, Any]]:
@@ -31,7 +30,6 @@ def _pareto_points(trials: Sequence[Trial]) -> list[dict[str, Any]]:
     for p, on in zip(points, pareto_front([(p["ops"], p["top1"]) for p in points])):
         p["front"] = on
     return points
-
 
 
 def summarize(trials: Sequence[Trial]) -> dict[str, Any]:
@@ -56,7 +54,6 @@ def summarize(trials: Sequence[Trial]) -> dict[str, Any]:
             },
         }
     return {"spaces": spaces, "pareto": _pareto_points(trials)}
-
 
 
 def jsonable(value: Any) -> Any:
