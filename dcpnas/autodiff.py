@@ -1,6 +1,6 @@
 """Elementwise ops with explicit forward-mode derivatives.
 
-Forward-mode AD (used for the GGN's J v, spec §5.2) dispatches torch's built-in pointwise
+Forward-mode AD (used for the GGN's J v, method §5.2) dispatches torch's built-in pointwise
 ops through Python reference decompositions on CPU, 30-50x slower than the op itself
 (measured: ``add`` 9 us plain vs 350 us dual). The supernet's hot pointwise ops are written as
 autograd Functions with ``jvp`` (and differentiable ``backward`` for the exact-Hessian path).

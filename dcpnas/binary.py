@@ -1,7 +1,7 @@
 """1-bit building blocks: sign with surrogate gradients and the scaled binary convolution.
 
-Spec §2.3 / Eqs. 4.22, 4.23, 4.35. Every surrogate also defines a forward-mode derivative
-(``jvp``) equal to its backward one, so the GGN product J^T H J (spec §5.2) uses the same
+Method §2.3 / Eqs. 4.22, 4.23, 4.35. Every surrogate also defines a forward-mode derivative
+(``jvp``) equal to its backward one, so the GGN product J^T H J (method §5.2) uses the same
 Jacobian in both directions and stays symmetric positive semidefinite.
 """
 
@@ -61,7 +61,7 @@ def approx_sign(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Binarize:
-    """Which parts of the cell convolutions are 1-bit (spec §2.3, §9.2).
+    """Which parts of the cell convolutions are 1-bit (method §2.3, §9.2).
 
     weights: binary weights in every cell conv (depthwise, pointwise, 1x1 preprocessing).
     activations: binary inputs to the pointwise 1x1 convs inside sep/dil ops (the repo's choice).
@@ -110,7 +110,7 @@ class BinaryConv2d(nn.Conv2d):
         return self.beta * sign_ste(self.weight) if self.binary_weights else self.weight
 
     def reconstruction_error(self) -> Tensor:
-        """||w - beta o sign(w)||^2 with sign(w) held constant (spec Eq. 4.23 and 4.34)."""
+        """||w - beta o sign(w)||^2 with sign(w) held constant (method §3, Eqs. 4.23 and 4.34)."""
         if not self.binary_weights:
             return self.weight.new_zeros(())
         return (self.weight - self.beta * _sign(self.weight).detach()).pow(2).sum()

@@ -1,6 +1,6 @@
-"""Size and compute of a network: params, binary weights, FLOPs, BOPs, OPs and memory (spec §9.5, §12).
+"""Size and compute of a network: params, binary weights, FLOPs, BOPs, OPs and memory (method §9.5, §12).
 
-Accounting (the paper's exact convention is unknown, spec §11.12):
+Accounting (the paper's exact convention is unknown, method §11.12):
 
 * params: every parameter except the auxiliary head's; ``binary_weights`` are the weight entries
   of convs with 1-bit weights, ``real_params`` the rest (stem, classifier, BN, PReLU, the betas).

@@ -1,4 +1,4 @@
-"""Decoupled optimisation: back-tracking the architecture step with a learnable psi (spec §6).
+"""Decoupled optimisation: back-tracking the architecture step with a learnable psi (method §6).
 
 After the vanilla step alpha^{t+1}, ops whose weight norm ranks above ``tau`` within their
 edge are moved by ``eta * psi o alpha^t`` (Eqs. 4.50-4.52); psi >= 0 is learned by its
@@ -10,7 +10,7 @@ Two rules for psi (docs/method.md, "Decoupled optimisation: the scaled rule"):
   and psi~ is a dimensionless fraction of the architecture learning rate (about an Adam step). psi~
   starts at ``psi_init`` and follows its hypergradient with an RMS-normalised step of size ``psi_lr``.
   Same family of projections as the book (a non-negative per-edge multiple of alpha^t), reparametrised.
-- ``spec``: spec §6.4 literally: psi starts at 0 and takes plain hypergradient steps. The hypergradient
+- ``spec``: method §6.4 literally: psi starts at 0 and takes plain hypergradient steps. The hypergradient
   carries eta twice, so psi stays ~1e-10 and the back-tracking moves nothing measurable.
 
 Every update is written with tensor ops only (no host syncs): the first step after a reset is

@@ -1,4 +1,4 @@
-"""Genotypes: the discrete cell derived from the architecture parameters (spec §8).
+"""Genotypes: the discrete cell derived from the architecture parameters (method §8).
 
 A genotype is a versioned, hashable artifact: canonical JSON (sorted keys, no whitespace)
 whose sha256 identifies it across runs, stages and MLflow.

@@ -1,6 +1,6 @@
 """Discrete networks compiled from a Genotype: the DARTS CIFAR macro and the DCP-NAS ImageNet macro.
 
-Spec §9.1 (ImageNet, from the retraining repo), §9.4 (CIFAR, DARTS macro with the binary ops).
+Method §9.1 (ImageNet, from the retraining repo), §9.4 (CIFAR, DARTS macro with the binary ops).
 The op style picks the op internals (``darts``: real ReLU-conv-BN ops, to reproduce DARTS;
 ``bnn``: the repo's BN-conv-BN-PReLU ops) and the stage picks what is 1-bit
 (:meth:`dcpnas.binary.Binarize.stage`). Stem, auxiliary head and classifier are always real.
@@ -22,8 +22,8 @@ from dcpnas.genotype import Genotype, load_genotype
 from dcpnas.ops import OpContext, create_op, preprocess
 from dcpnas.registry import NETWORKS
 
-# Named widths (init channels, cells). ImageNet from spec §9.1 (S is the repo's main.py default [A]);
-# CIFAR has no published DCP-NAS sizes, these are the spec §9.4 suggestions [A].
+# Named widths (init channels, cells). ImageNet from method §9.1 (S is the repo's main.py default [A]);
+# CIFAR has no published DCP-NAS sizes, these are the method §9.4 suggestions [A].
 SIZES: dict[str, dict[str, tuple[int, int]]] = {
     "imagenet": {"s": (48, 10), "m": (72, 10), "l": (108, 10)},
     "cifar": {"s": (16, 20), "m": (24, 20), "l": (36, 20)},
@@ -170,7 +170,7 @@ class _Network(nn.Module):
 
 
 class NetworkCIFAR(_Network):
-    """DARTS CIFAR macro: conv3x3(in -> 3C) + BN stem at full resolution (spec §9.4)."""
+    """DARTS CIFAR macro: conv3x3(in -> 3C) + BN stem at full resolution (method §9.4)."""
 
     name = "cifar"
     input_size = 32
@@ -213,7 +213,7 @@ class NetworkImageNet(_Network):
 def _preset(
     C: int, layers: int, genotype: Genotype | str = "ddpnas_mcn_2", num_classes: int = 1000, **kwargs: Any
 ) -> nn.Module:
-    """A DCP-NAS ImageNet size preset; defaults to the DCP-NAS-L cell (spec §8)."""
+    """A DCP-NAS ImageNet size preset; defaults to the DCP-NAS-L cell (method §8)."""
     return NetworkImageNet(C, num_classes, layers, genotype, **kwargs)
 
 
@@ -257,7 +257,7 @@ def network_from_file(content: dict[str, Any], **overrides: Any) -> _Network:
 
 @torch.no_grad()
 def inherit_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> list[str]:
-    """Load weights trained in another binarisation stage (e.g. step 1 -> step 2, spec §9.3).
+    """Load weights trained in another binarisation stage (e.g. step 1 -> step 2, method §9.3).
 
     Weight names are the same in every stage; only the scales ``beta`` of binary-weight convs may be
     missing. Those are set to mean|w| per output channel of the *loaded* weights (XNOR's closed form),

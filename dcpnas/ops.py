@@ -1,4 +1,4 @@
-"""Candidate operations of the cell, in two styles, registered by name (spec §2.2, §9.2).
+"""Candidate operations of the cell, in two styles, registered by name (method §2.2, §9.2).
 
 ``darts``: the real-valued DARTS ops (ReLU-conv-BN), used to reproduce published DARTS numbers.
 ``bnn``: the DCP-NAS retraining ops (BN-conv-BN-PReLU with inner shortcuts), whose convs are
@@ -104,7 +104,7 @@ class DilConv(nn.Module):
     """Depthwise k x k (dilated) conv followed by a pointwise conv.
 
     bnn: BN - dw conv (binary weights, real or binary input) - BN - PReLU - pw conv (binary
-    weights and binary input) - BN - (+x when shape-preserving) - PReLU  (spec §9.2).
+    weights and binary input) - BN - (+x when shape-preserving) - PReLU  (method §9.2).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The DCP-NAS search loop (spec §7): Parent and Child supernets trained in turn, the Child's
+"""The DCP-NAS search loop (method §7): Parent and Child supernets trained in turn, the Child's
 architecture steered along the Parent's tangent, both with decoupled (back-tracked) updates.
 
 Pure PyTorch. Data parallelism enters through three seams, all optional: ``wrap`` (e.g. DDP)
@@ -54,7 +54,7 @@ def phase_steps(n_weights: int, n_arch: int, pairing: str) -> int:
 
 @dataclass
 class SearchConfig:
-    """Every hyperparameter of the search, with the spec's defaults (§7.3; [A] = spec's choice)."""
+    """Every hyperparameter of the search, with the defaults of method §7.3 ([A] = the specification's choice)."""
 
     # search space and supernet [A: DARTS/PC-DARTS sizes]
     space: str = "dcpnas"
@@ -65,7 +65,7 @@ class SearchConfig:
     stem: str = "cifar"  # cifar (one 3x3 conv) | imagenet (three stride-2 convs)
     partial_channels: int = 1  # PC-DARTS K; 1 = all channels
     affine: bool = False  # BN affine inside supernet ops (DARTS searches without)
-    binarize_depthwise_input: bool = False  # book-faithful variant of spec §2.3
+    binarize_depthwise_input: bool = False  # book-faithful variant of method §2.3
     alpha_init_std: float = 1e-3
     # schedule
     epochs: int = 50
@@ -76,13 +76,13 @@ class SearchConfig:
     discrepancy: str = "fro"  # fro | l1 | cos (Table 4.4)
     hessian: str = "ggn"  # ggn | exact (the "no GGN" ablation)
     tangent: str = "batch"  # batch: Parent tangent on each arch batch | phase: mean over the Parent phase
-    # decoupled optimisation (spec §6.4)
+    # decoupled optimisation (method §6.4)
     decoupled: bool = True
     tau: float = 0.5
     backtrack: str = "large"  # back-track the ops whose weight norm ranks high (large) or low (small)
     psi_granularity: str = "edge"  # edge | op
     eta2: float = 1.0
-    psi_rule: str = "scaled"  # scaled: psi as a fraction of the arch step (docs/method.md) | spec: §6.4 literally
+    psi_rule: str = "scaled"  # scaled: psi relative to the arch step (docs/method.md) | spec: method §6.4 literally
     psi_init: float = 0.5  # scaled rule: initial psi~ (shift ~ psi_init x an Adam step); the spec rule starts at 0
     psi_lr: float | None = None  # None: the architecture learning rate
     # optimisers
@@ -97,7 +97,7 @@ class SearchConfig:
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     grad_clip: float = 5.0
-    genotype_ranking: str = "raw"  # raw | softmax (spec §8)
+    genotype_ranking: str = "raw"  # raw | softmax (method §8)
     seed: int = 0
     # loop (not the method): cost of a step on an accelerator
     pairing: str = "cycle"  # cycle: every weight batch once per phase, the arch split repeated | min: zip

@@ -1,4 +1,4 @@
-"""Search spaces: which ops an edge chooses from, and the cell's node layout (spec §2)."""
+"""Search spaces: which ops an edge chooses from, and the cell's node layout (method §2)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def get_space(name: str) -> SearchSpace:
     return SPACES.get(name)
 
 
-# The DCP-NAS space in the retraining repo's column order (none last), spec §2.2.
+# The DCP-NAS space in the retraining repo's column order (none last), method §2.2.
 register_space(
     SearchSpace(
         "dcpnas",

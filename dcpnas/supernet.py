@@ -1,4 +1,4 @@
-"""The weight-sharing supernet: mixed ops on every edge, alphas kept apart from weights (spec §2.1).
+"""The weight-sharing supernet: mixed ops on every edge, alphas kept apart from weights (method §2.1).
 
 One ``SuperNet`` class serves as Parent (real ops) and Child (1-bit ops); both share a search
 space so that their architecture parameters, shape (2, E, M), can be handed back and forth.
@@ -172,7 +172,7 @@ class SuperNet(nn.Module):
         return (p for name, p in self.named_parameters() if name != "alpha")
 
     def op_weight_norms(self) -> Tensor:
-        """R[t, e, m]: weight norm of op m on edge e, summed over all cells of type t (spec §6.4).
+        """R[t, e, m]: weight norm of op m on edge e, summed over all cells of type t (method §6.4).
 
         One fused norm over every kernel and one scatter-add: no host round trip per op or cell.
         """

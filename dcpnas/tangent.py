@@ -1,4 +1,4 @@
-"""Tangent propagation (spec §4) and its second-order term (spec §5).
+"""Tangent propagation (method §4) and its second-order term (method §5).
 
 The Child's architecture gradient (Eq. 4.33) is ``-g + lam * H_G v`` with ``g = dG/d alpha_hat``,
 ``v = dD/dg`` and ``H_G`` the Hessian of the agreement G = -KL(p_parent || q_child). ``H_G v`` is
@@ -57,7 +57,7 @@ def logits_jvp(model: nn.Module, x: Tensor, v: Tensor) -> Tensor:
 
 
 def ggn_vector_product(model: nn.Module, x: Tensor, logits: Tensor, v: Tensor) -> Tensor:
-    """F v = J^T H_z J v for the batch-mean softmax KL/CE, H_z = (diag(q) - q q^T) / B (spec §5.2).
+    """F v = J^T H_z J v for the batch-mean softmax KL/CE, H_z = (diag(q) - q q^T) / B (method §5.2).
 
     ``logits`` must be ``model(x)`` with its graph alive; the model must be in a state where a
     second forward computes the same function (see ``frozen_bn_stats``).

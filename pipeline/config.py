@@ -91,7 +91,7 @@ class SweepSection(BaseModel):
 
 
 class RetrainSection(BaseModel):
-    """Two-step 1-bit retraining of chosen genotypes with knowledge distillation (spec §9).
+    """Two-step 1-bit retraining of chosen genotypes with knowledge distillation (method §9).
 
     ``steps`` are binarisation stages run in order, each initialised from the previous one's
     model artifact: the published recipe is ``binary_act`` (real weights, 1-bit activations)
@@ -102,11 +102,11 @@ class RetrainSection(BaseModel):
 
     model_config = STRICT
     genotype: str | None = None  # set: retrain this (run id, models:/name@alias, JSON, built-in), no sweep
-    network: Literal["cifar", "imagenet"] = "cifar"  # macro-architecture (spec §9.4 / §9.1)
+    network: Literal["cifar", "imagenet"] = "cifar"  # macro-architecture (method §9.4 / §9.1)
     init_channels: int = Field(16, gt=0)
     layers: int = Field(8, ge=3)
     style: Literal["bnn", "darts"] = "bnn"  # op internals: the repo's BN-conv-BN-PReLU, or DARTS' ReLU-conv-BN
-    binarize_depthwise_input: bool = False  # spec §2.3 book variant; the repo keeps depthwise inputs real
+    binarize_depthwise_input: bool = False  # method §2.3 book variant; the repo keeps depthwise inputs real
     steps: list[Literal["real", "binary_act", "binary_all"]] = Field(
         default_factory=lambda: ["binary_act", "binary_all"], min_length=1
     )

@@ -1,4 +1,4 @@
-"""1-bit primitives (spec §2.3, Eqs. 4.22, 4.23, 4.34, 4.35) against their definitions."""
+"""1-bit primitives (method §2.3, Eqs. 4.22, 4.23, 4.34, 4.35) against their definitions."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_reconstruction_gradients_match_closed_form() -> None:
     (mu * reconstruction_loss(conv)).backward()
     w, beta = conv.weight.detach(), conv.beta.detach()
     b = torch.sign(w)
-    # spec §3, Eq. 4.34 note: d(mu L_R)/dw = 2 mu (w - beta b); d/dbeta_c = -2 mu sum_c (w - beta b) b
+    # method §3, Eq. 4.34 note: d(mu L_R)/dw = 2 mu (w - beta b); d/dbeta_c = -2 mu sum_c (w - beta b) b
     torch.testing.assert_close(conv.weight.grad, 2 * mu * (w - beta * b))
     torch.testing.assert_close(conv.beta.grad, (-2 * mu * ((w - beta * b) * b).sum(dim=(1, 2, 3), keepdim=True)))
     assert reconstruction_loss(conv).item() == torch.sum((w - beta * b) ** 2).item()

@@ -1,4 +1,4 @@
-"""Cost accounting: params / binary weights / FLOPs / BOPs / OPs / memory (spec §9.5)."""
+"""Cost accounting: params / binary weights / FLOPs / BOPs / OPs / memory (method §9.5)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_param_counts_need_no_forward() -> None:
     assert 0 < binary < params
 
 
-# Spec §9.5 (an independent count): FLOPs = real-activation MACs in cells + stem and head.
+# Method §9.5 (an independent count): FLOPs = real-activation MACs in cells + stem and head.
 SPEC_FLOPS_G = {"s": 0.17 + 0.06, "m": 0.37 + 0.12, "l": 0.81 + 0.27}
 
 

@@ -1,4 +1,4 @@
-"""Decoupled optimisation: the back-tracking projection and psi's update (spec §6.4)."""
+"""Decoupled optimisation: the back-tracking projection and psi's update (method §6.4)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def test_builtins_validate_and_match_the_spec() -> None:
     assert builtin_genotypes() == BUILTINS
     for name in BUILTINS:
         load_genotype(name).validate()
-    mcn = load_genotype("ddpnas_mcn_2")  # spec §8, the DCP-NAS-L cell
+    mcn = load_genotype("ddpnas_mcn_2")  # method §8, the DCP-NAS-L cell
     assert mcn.space == "dcpnas" and mcn.normal_concat == mcn.reduce_concat == (2, 3, 4, 5)
     assert mcn.normal[:4] == (("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("dil_conv_3x3", 2), ("skip_connect", 0))
     assert mcn.reduce[-2:] == (("dil_conv_5x5", 2), ("sep_conv_5x5", 1))

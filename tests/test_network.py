@@ -1,4 +1,4 @@
-"""Discrete networks, the candidate ops they are built from and every registered space's supernet (spec §2.2, §9)."""
+"""Discrete networks, the candidate ops they are built from and every registered space's supernet (method §2.2, §9)."""
 
 from __future__ import annotations
 

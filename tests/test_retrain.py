@@ -42,7 +42,7 @@ def test_plan_is_teacher_then_the_two_published_steps(tmp_path) -> None:
         ("step1", "binary_act", None, True),
         ("step2", "binary_all", "step1", True),
     ]
-    assert [s.weight_decay for s in steps[1:]] == [1e-5, 0.0]  # spec §9.3: 1e-5 then 0
+    assert [s.weight_decay for s in steps[1:]] == [1e-5, 0.0]  # method §9.3: 1e-5 then 0
     plain = plan_steps(retrain_config(tmp_path, "retrain.teacher=none", "retrain.steps=[binary_all]"))
     assert [(s.name, s.distill) for s in plain] == [("step1", False)]
 

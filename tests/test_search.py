@@ -1,4 +1,4 @@
-"""The search loop (spec §7): resume equivalence, inheritance, config refusal, the digits demo."""
+"""The search loop (method §7): resume equivalence, inheritance, config refusal, the digits demo."""
 
 from __future__ import annotations
 

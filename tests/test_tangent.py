@@ -1,4 +1,4 @@
-"""Tangent propagation and the second-order term (spec §4, §5), against exact references."""
+"""Tangent propagation and the second-order term (method §4, §5), against exact references."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_ggn_second_order_term_points_like_the_exact_hessian_on_real_supernet() 
     """The lam * H_G v term alone, GGN vs double backprop: +F (a flipped sign) gives cos ~ -1, first order only 0.
 
     The whole gradient -g + lam H v is dominated by -g, so comparing it would pass for both mistakes. Near
-    agreement between Child and teacher (p ~ q) the GGN is the Hessian's dominant part (spec §5.2).
+    agreement between Child and teacher (p ~ q) the GGN is the Hessian's dominant part (method §5.2).
     """
     net = tiny_supernet(REAL)
     x, _, _ = batch(n=8)

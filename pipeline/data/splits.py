@@ -1,4 +1,4 @@
-"""Class-balanced search splits (spec §7.3): deterministic from a seed, saved as JSON with a sha256.
+"""Class-balanced search splits (method §7.3): deterministic from a seed, saved as JSON with a sha256.
 
 The driver builds the split once (e.g. ``{"weights": 0.5, "arch": 0.5}`` of CIFAR-10 train, or
 ``{"weights": 0.1, "arch": 0.025}`` of ImageNet train, PC-DARTS style) and logs the file; every trial of a

@@ -45,7 +45,7 @@ def plan_steps(cfg: Config) -> list[Step]:
 
 
 def cosine_lr(base: float, floor: float, epoch: int, epochs: int) -> float:
-    """timm's per-epoch cosine without warm-up (spec §9.3): ``floor + (base - floor)(1 + cos(pi e / E)) / 2``."""
+    """timm's per-epoch cosine without warm-up (method §9.3): ``floor + (base - floor)(1 + cos(pi e / E)) / 2``."""
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * epoch / epochs))
 
 

@@ -1,4 +1,4 @@
-"""The retrain stage: a genotype's discrete 1-bit network trained step by step (spec §9), tracked in MLflow.
+"""The retrain stage: a genotype's discrete 1-bit network trained step by step (method §9), tracked in MLflow.
 
 Steps run in order (``plan.plan_steps``), each a Ray Train worker group (``worker.fit_step``): ``teacher``
 (the real-valued network, when the config asks the pipeline to train one), then the binarisation stages of
