@@ -91,7 +91,7 @@ def cluster_processes(cluster_id: str) -> list[psutil.Process]:
 def terminate(procs: list[psutil.Process], grace_s: float) -> list[psutil.Process]:
     """SIGTERM, wait up to ``grace_s``, SIGKILL the rest; returns the processes still running after that.
 
-    SIGKILL is needed: GCS, raylets and runtime-env agents outlive SIGTERM by >10 s here (stack notes §4.4 too).
+    SIGKILL is needed: GCS, raylets and runtime-env agents outlive SIGTERM by >10 s here (docs/stack.md §2.4).
     psutil checks the PID's creation time before signalling, so a reused PID is never hit.
     """
     for p in procs:

@@ -1,4 +1,4 @@
-"""Parquet shards on any fsspec filesystem (architecture §3): manifest, atomic writer, verified reader.
+"""Parquet shards on any fsspec filesystem (docs/data.md, "Format"): manifest, atomic writer, verified reader.
 
 A dataset is a root URI holding ``manifest.json`` and ``<split>/shard-NNNNN.parquet`` files, one row per
 example (``key``, ``label``, encoded ``image`` bytes). Every file is written under a temporary name and
