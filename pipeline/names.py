@@ -25,5 +25,4 @@ def step_metric(step: str, metric: str) -> str:
 
 
 # run tags
-STAGE_TAG = "stage"  # sweep | search | retrain | eval
 ORIGIN_TAG = "origin"  # on a retrain run: search | random | parent (where its genotype came from)

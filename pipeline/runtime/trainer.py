@@ -18,7 +18,13 @@ class Workers:
 
     @property
     def bundle(self) -> dict[str, float]:
+        """One rank's request as Ray Train takes it (no GPU key for CPU ranks)."""
         return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus > 0 else {})
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        """Every rank's request as the resource checks count it (CPU and GPU always named)."""
+        return [{"CPU": self.cpus, "GPU": self.gpus}] * self.count
 
 
 def fit_workers(

@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.models import build_network, check_classes, read_model
 from pipeline.names import TEACHER_STEP, step_name
 from pipeline.runtime.resources import EPS, total
+from pipeline.runtime.trainer import Workers
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,15 @@ def preflight(cfg: Config, genotype: Genotype, classes: int) -> None:
         check_classes(read_model(r.teacher), classes, f"teacher {r.teacher}")
 
 
+def retrain_workers(cfg: Config) -> Workers:
+    """The worker group of every retrain step."""
+    r = cfg.retrain
+    return Workers(r.workers, r.cpus_per_worker, r.gpus_per_worker)
+
+
 def worker_bundles(cfg: Config) -> list[dict[str, float]]:
     """One bundle per retrain worker (what its Ray Train worker group reserves)."""
-    r = cfg.retrain
-    return [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker}] * r.workers
+    return retrain_workers(cfg).bundles
 
 
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:

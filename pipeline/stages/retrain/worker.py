@@ -27,9 +27,9 @@ from pipeline.data.streams import device_batches, held_out_stream, train_stream
 from pipeline.models import MODEL_FILE, build_network, check_classes, evaluate, read_model
 from pipeline.progress.board import every, position
 from pipeline.runtime.collectives import all_reduce_sum, worker_device
-from pipeline.runtime.trainer import Workers, fit_workers
+from pipeline.runtime.trainer import fit_workers
 from pipeline.stages.retrain.engines import DDPEngine, DeepSpeedEngine
-from pipeline.stages.retrain.plan import Step, cosine_lr, use_bf16
+from pipeline.stages.retrain.plan import Step, cosine_lr, retrain_workers, use_bf16
 from pipeline.tracking import TrackingContext
 from pipeline.tracking.dashboard import system_metrics
 
@@ -186,6 +186,6 @@ def fit_step(
         cfg.resolved(), step, genotype.to_dict(), num_classes, init, teacher, tracking, run_id, stop_after
     )
     return fit_workers(
-        retrain_worker, {"task": task}, Workers(r.workers, r.cpus_per_worker, r.gpus_per_worker), name=name,
+        retrain_worker, {"task": task}, retrain_workers(cfg), name=name,
         storage_path=storage_path, max_failures=0 if stop_after else r.max_failures, callbacks=callbacks,
     )  # fmt: skip

@@ -86,9 +86,14 @@ class Plan:
         return "\n".join(lines)
 
 
+def search_workers(s: SweepSection) -> Workers:
+    """The worker group (DDP ranks) of every search trial."""
+    return Workers(s.workers, s.cpus_per_worker, s.gpus_per_worker)
+
+
 def trial_bundles(s: SweepSection) -> list[dict[str, float]]:
     """What one trial reserves: its Tune driver function, then one bundle per DDP rank."""
-    return [{"CPU": s.trial_cpus}] + [{"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker}] * s.workers
+    return [{"CPU": s.trial_cpus}, *search_workers(s).bundles]
 
 
 def plan(cfg: Config, resources: dict[str, float]) -> Plan:
@@ -189,7 +194,7 @@ def _trial_fn(params: dict[str, Any], run: dict[str, Any]) -> None:
         run["split_uri"],
         run["storage_path"],
         trial.train_name,
-        Workers(s.workers, s.cpus_per_worker, s.gpus_per_worker),
+        search_workers(s),
         s.max_failures,
         tracking=ctx,
         run_id=run_id,
