@@ -22,9 +22,9 @@ def test_plan_counts_trials_resources_and_concurrency(tmp_path) -> None:
     p = plan(cfg, {"CPU": 2})
     assert [t.key for t in p.trials] == [
         "seed=0,space=dcpnas_3x3",
-        "seed=0,space=dcpnas_conv",
+        "seed=0,space=dcpnas",
         "seed=1,space=dcpnas_3x3",
-        "seed=1,space=dcpnas_conv",
+        "seed=1,space=dcpnas",
     ]
     assert (p.cpus_per_trial, p.gpus_per_trial, p.max_concurrent) == (1.0, 0.0, 2)
     wide = sweep_config(tmp_path, "sweep.workers=2", "sweep.seeds=[0,1,2]", "sweep.spaces=[dcpnas]")
@@ -54,7 +54,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys) -> None:
     rc = main(["sweep", "--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=2", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "trials: 4" in out and "seed=1,space=dcpnas_conv" in out
+    assert "trials: 4" in out and "seed=1,space=dcpnas" in out
     assert "CPUs per trial: 1  GPUs per trial: 0" in out
     assert "max concurrent trials: 2" in out
     assert not (tmp_path / "demo").exists()  # no data, no Ray storage, no tracking store
