@@ -412,7 +412,7 @@ class DCPNASSearch:
         p, c, n = self.reduce(correct).tolist()
         return {PARENT_VAL_ACC: p / n, CHILD_VAL_ACC: c / n}
 
-    def _epoch_metrics(self, data: SearchData, seconds: float) -> dict[str, Any]:
+    def _epoch_metrics(self, data: SearchData, seconds: float, cpu_seconds: float) -> dict[str, Any]:
         names = sorted(self.meters)
         if names:  # every rank has the same names (the same steps ran)
             sums = torch.stack([self.meters[k] for k in names])
@@ -433,6 +433,9 @@ class DCPNASSearch:
                 "lr/parent": self.opt["parent_w"].param_groups[0]["lr"],
                 "lr/child": self.opt["child_w"].param_groups[0]["lr"],
                 "epoch_seconds": seconds,
+                # this process's CPU time for the same training: what the epoch costs on cores of its own,
+                # which a busy machine barely changes (the dry run's projection is checked against it)
+                "epoch_cpu_seconds": cpu_seconds,
                 "genotype_hash": genotype.hash,
             }
         )
@@ -447,7 +450,7 @@ class DCPNASSearch:
         """Run (or continue) the search to ``cfg.epochs``; stop early after ``max_steps`` steps."""
         steps_run = 0
         while self.epoch < self.cfg.epochs:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for phase in PHASES[PHASES.index(self.phase) :]:
                 if phase != self.phase:
                     self.phase, self.step = phase, 0
@@ -467,7 +470,7 @@ class DCPNASSearch:
             for s in self.sched.values():
                 s.step()
             self.check_finite()
-            metrics = self._epoch_metrics(data, time.perf_counter() - t0)
+            metrics = self._epoch_metrics(data, time.perf_counter() - t0, time.process_time() - cpu0)
             self.history.append(metrics)
             self.meters.clear()
             self.nonfinite.zero_()

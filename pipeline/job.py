@@ -26,7 +26,7 @@ from pipeline.runtime.session import check_ray_address, planned_resources, ray_s
 from pipeline.stages.retrain.baselines import check_capacity, retrain_baselines, sample_baselines
 from pipeline.stages.retrain.plan import check_resources, plan_steps, preflight, worker_bundles
 from pipeline.stages.retrain.stage import retrain_genotype, run_retrain
-from pipeline.stages.search.projection import step_times
+from pipeline.stages.search.projection import Clock, step_times
 from pipeline.stages.search.sweep import TrialSummary, plan, run_sweep, trial_bundles
 
 ILSVRC_ROWS = {"train": 1_281_167, "val": 50_000}  # projection fallback when the manifest cannot be read here
@@ -102,8 +102,10 @@ def _rows(cfg: Config, split: str, assumed: int) -> tuple[int, str]:
         return assumed, f"ASSUMED ILSVRC-2012 {split} size: {cfg.data.uri} not readable here"
 
 
-def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Log = print) -> dict[str, Any]:
-    """Print the sweep plan, the retrain plan and a projected cost; start nothing."""
+def dry_run(
+    cfg: Config, step_seconds: float | None, price: float, log: Log = print, clock: Clock = time.perf_counter
+) -> dict[str, Any]:
+    """Print the sweep plan, the retrain plan and a projected cost; start nothing (``clock``: see ``measure``)."""
     try:
         p = plan(cfg, planned_resources(cfg))
     except UserError as e:  # e.g. an ImageNet config planned on a laptop: project for the cluster it needs
@@ -118,7 +120,7 @@ def dry_run(cfg: Config, step_seconds: float | None, price: float, log: Log = pr
             _rows(cfg, cfg.data.split, ILSVRC_ROWS["train"]),
             _rows(cfg, cfg.data.eval_split, ILSVRC_ROWS["val"]),
         )
-    times = step_times(cfg, step_seconds)
+    times = step_times(cfg, step_seconds, clock)
     d, s = cfg.data, cfg.search
     steps = math.floor(rows * d.weight_fraction / d.batch_size)
     eval_s = math.ceil(eval_rows / d.batch_size) * (times.eval_batch or 0.0)

@@ -203,18 +203,15 @@ def test_demo_pipeline_end_to_end_survives_a_killed_driver(tmp_path: Path, lc: M
         assert {"genotype/genotype.json", "genotype/alpha_history.png", "genotype/alphas.png"} <= names
         if train_names[r.data.tags["trial_key"]] in checkpointed:  # resumed from its checkpoint: no epoch run twice
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch")) == [0, 1]
-    # the dry run's projection of the first (warm-up) epoch's training, measured now on this machine, against
-    # the epoch_seconds the less disturbed trial logged for it (training only, as projected). The issue asks
-    # for ±30 %; on this shared 2-core box the load changes between the run and the measurement (ratios 0.92,
-    # 0.37 measured), so the bound is a factor of 3: it still catches a projection off by the 64x of the
-    # per-phase extrapolation it replaced.
+    # the dry run's projection of the first (warm-up) epoch's training against what each trial's first epoch
+    # cost, both in process CPU time: a busy box (the other test worker, the two trials sharing two cores) made
+    # wall-time ratios range 0.37-0.92 here, CPU time is what the epoch costs on cores of its own
     from pipeline.job import dry_run
 
-    projected = dry_run(load_config(None, sets), None, 0.0, log=lambda *_: None)["first_epoch_train_s"]
-    firsts = [
-        next(m.value for m in client.get_metric_history(r.info.run_id, "epoch_seconds") if m.step == 0) for r in search
-    ]
-    assert 1 / 3 <= projected / min(firsts) <= 3, (projected, firsts)
+    projected = dry_run(load_config(None, sets), None, 0.0, log=lambda *_: None, clock=time.process_time)
+    for r in search:
+        (first,) = (m.value for m in client.get_metric_history(r.info.run_id, "epoch_cpu_seconds") if m.step == 0)
+        assert 0.7 <= projected["first_epoch_train_s"] / first <= 1.3, (projected["first_epoch_train_s"], first)
     (retrain,) = by_stage["retrain"]  # top_k 1
     assert retrain.info.status == "FINISHED" and 0.1 < retrain.data.metrics["top1"] <= 1.0
     assert retrain.data.tags["origin"] == "search"

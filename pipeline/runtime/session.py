@@ -59,11 +59,8 @@ def planned_resources(cfg: Config) -> dict[str, float]:
     if os.environ.get("RAY_ADDRESS"):
         import ray
 
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        try:
+        with ray_session(cfg):
             return dict(ray.cluster_resources())
-        finally:
-            ray.shutdown()
     return {"CPU": float(cfg.sweep.num_cpus or os.cpu_count() or 1), "GPU": 0.0}
 
 

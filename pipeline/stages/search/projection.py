@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pipeline.config import Config
 
 MAX_BATCH = 64  # larger per-worker batches are timed at this size and scaled linearly (said in the output)
+Clock = Callable[[], float]
 ASSUMED_GPU_STEP_S = 1.0  # a round figure, not a measurement: what a GPU config projects without a GPU here
 
 
@@ -44,19 +45,19 @@ class StepTimes:
         return steps * (compute + 2 * self.load_pair)
 
 
-def _median(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+def _median(fn: Callable[[], None], repeats: int, sync: Callable[[], None], clock: Clock) -> float:
     fn()  # warm-up: allocations, kernel selection
     times = []
     for _ in range(repeats):
         sync()
-        t = time.perf_counter()
+        t = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
 
 
-def load_pair_seconds(cfg: Config, repeats: int) -> tuple[float, str]:
+def load_pair_seconds(cfg: Config, repeats: int, clock: Clock = time.perf_counter) -> tuple[float, str]:
     """Median seconds to read one batch pair as a worker does (``StreamSearchData``: decode, crop, normalise);
     the demo's digits are converted into process memory first. 0 with the reason when the data is unreadable."""
     import uuid
@@ -76,16 +77,20 @@ def load_pair_seconds(cfg: Config, repeats: int) -> tuple[float, str]:
         next(pairs)  # warm-up: opening shards
         times = []
         for _ in range(repeats):
-            t = time.perf_counter()
+            t = clock()
             next(pairs)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     except Exception as e:  # unreadable store, too few batches: project without it, and say so
         return 0.0, f"data loading not included ({cfg.data.uri} not read here: {type(e).__name__})"
     return statistics.median(times), "data loading included (median of batch pairs read here)"
 
 
-def measure(cfg: Config, repeats: int = 3) -> StepTimes:
-    """Time both phases' steps and an eval batch of ``cfg``'s search here (see the module docstring)."""
+def measure(cfg: Config, repeats: int = 3, clock: Clock = time.perf_counter) -> StepTimes:
+    """Time both phases' steps and an eval batch of ``cfg``'s search here (see the module docstring).
+
+    ``clock``: wall time by default; ``time.process_time`` gives what the steps cost on cores of their
+    own even on a busy machine (compared with a search's ``epoch_cpu_seconds``).
+    """
     import torch
 
     from dcpnas.search import DCPNASSearch
@@ -105,9 +110,9 @@ def measure(cfg: Config, repeats: int = 3) -> StepTimes:
         for warmup in (True, False):
             search.epoch = 0 if warmup else cfg.search.warmup_epochs
             for phase, step in (("parent", search.parent_step), ("child", search.child_step)):
-                times[(warmup, phase)] = _median(lambda step=step: step((x, y), (x, y)), repeats, sync)
-        evaluate = _median(lambda: search.evaluate([(x, y)]), repeats, sync)
-        load, loading = load_pair_seconds(cfg, repeats)
+                times[(warmup, phase)] = _median(lambda step=step: step((x, y), (x, y)), repeats, sync, clock)
+        evaluate = _median(lambda: search.evaluate([(x, y)]), repeats, sync, clock)
+        load, loading = load_pair_seconds(cfg, repeats, clock)
     finally:
         torch.set_num_threads(before)
     scale = per_worker / batch
@@ -124,7 +129,7 @@ def measure(cfg: Config, repeats: int = 3) -> StepTimes:
     )
 
 
-def step_times(cfg: Config, step_seconds: float | None) -> StepTimes:
+def step_times(cfg: Config, step_seconds: float | None, clock: Clock = time.perf_counter) -> StepTimes:
     """``--step-seconds`` when given; else measured here, unless the config wants GPUs this machine lacks."""
     import torch
 
@@ -136,4 +141,4 @@ def step_times(cfg: Config, step_seconds: float | None) -> StepTimes:
             f"ASSUMED {ASSUMED_GPU_STEP_S:g} s per step: the config runs on GPUs and this machine has none, so "
             "nothing was measured; time a step on the cluster's GPU (bench/search_step.py) and pass --step-seconds",
         )
-    return measure(cfg)
+    return measure(cfg, clock=clock)
