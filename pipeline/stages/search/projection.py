@@ -88,8 +88,8 @@ def load_pair_seconds(cfg: Config, repeats: int, clock: Clock = time.perf_counte
 def measure(cfg: Config, repeats: int = 3, clock: Clock = time.perf_counter) -> StepTimes:
     """Time both phases' steps and an eval batch of ``cfg``'s search here (see the module docstring).
 
-    ``clock``: wall time by default; ``time.process_time`` gives what the steps cost on cores of their
-    own even on a busy machine (compared with a search's ``epoch_cpu_seconds``).
+    ``clock``: wall time by default; on a CPU, ``time.process_time`` gives what the steps cost on cores
+    of their own even on a busy machine (compared with a search's ``epoch_cpu_seconds``).
     """
     import torch
 
