@@ -54,7 +54,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys) -> None:
     rc = main(["sweep", "--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=2", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "trials: 4" in out and "seed=1,space=dcpnas" in out
+    assert "trials: 4" in out and "seed=1,space=dcpnas)" in out  # the last trial: not the dcpnas_3x3 one
     assert "CPUs per trial: 1  GPUs per trial: 0" in out
     assert "max concurrent trials: 2" in out
     assert not (tmp_path / "demo").exists()  # no data, no Ray storage, no tracking store

@@ -12,7 +12,6 @@ stated assumed step time instead.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ def _median(fn: Callable[[], None], repeats: int, sync: Callable[[], None], cloc
     return statistics.median(times)
 
 
-def load_pair_seconds(cfg: Config, repeats: int, clock: Clock = time.perf_counter) -> tuple[float, str]:
+def load_pair_seconds(cfg: Config, repeats: int, clock: Clock) -> tuple[float, str]:
     """Median seconds to read one batch pair as a worker does (``StreamSearchData``: decode, crop, normalise);
     the demo's digits are converted into process memory first. 0 with the reason when the data is unreadable."""
     import uuid
@@ -74,22 +73,17 @@ def load_pair_seconds(cfg: Config, repeats: int, clock: Clock = time.perf_counte
     try:
         data = StreamSearchData.open(cfg, make_split(cfg), world_size=cfg.sweep.workers)
         pairs = iter(data.batches(0, "parent"))
-        next(pairs)  # warm-up: opening shards
-        times = []
-        for _ in range(repeats):
-            t = clock()
-            next(pairs)
-            times.append(clock() - t)
+        seconds = _median(lambda: next(pairs), repeats, lambda: None, clock)  # its warm-up opens the shards
     except Exception as e:  # unreadable store, too few batches: project without it, and say so
         return 0.0, f"data loading not included ({cfg.data.uri} not read here: {type(e).__name__})"
-    return statistics.median(times), "data loading included (median of batch pairs read here)"
+    return seconds, "data loading included (median of batch pairs read here)"
 
 
-def measure(cfg: Config, repeats: int = 3, clock: Clock = time.perf_counter) -> StepTimes:
+def measure(cfg: Config, clock: Clock, repeats: int = 3) -> StepTimes:
     """Time both phases' steps and an eval batch of ``cfg``'s search here (see the module docstring).
 
-    ``clock``: wall time by default; on a CPU, ``time.process_time`` gives what the steps cost on cores
-    of their own even on a busy machine (compared with a search's ``epoch_cpu_seconds``).
+    ``clock``: ``time.perf_counter`` for wall time; on a CPU, ``time.process_time`` gives what the steps
+    cost on cores of their own even on a busy machine (compared with a search's ``epoch_cpu_seconds``).
     """
     import torch
 
@@ -129,7 +123,7 @@ def measure(cfg: Config, repeats: int = 3, clock: Clock = time.perf_counter) -> 
     )
 
 
-def step_times(cfg: Config, step_seconds: float | None, clock: Clock = time.perf_counter) -> StepTimes:
+def step_times(cfg: Config, step_seconds: float | None, clock: Clock) -> StepTimes:
     """``--step-seconds`` when given; else measured here, unless the config wants GPUs this machine lacks."""
     import torch
 
@@ -141,4 +135,4 @@ def step_times(cfg: Config, step_seconds: float | None, clock: Clock = time.perf
             f"ASSUMED {ASSUMED_GPU_STEP_S:g} s per step: the config runs on GPUs and this machine has none, so "
             "nothing was measured; time a step on the cluster's GPU (bench/search_step.py) and pass --step-seconds",
         )
-    return measure(cfg, clock=clock)
+    return measure(cfg, clock)
