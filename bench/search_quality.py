@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -63,10 +64,14 @@ class Scale:
     retrain_workers: int = 2
     teacher: str = "train"
     steps: tuple[str, ...] = ("binary_act", "binary_all")
+    # Ray CPU reservations (scheduling tokens, docs/stack.md §2.2): a trial's driver and each search worker,
+    # each retrain worker. The quick run packs every trial and every retrain of a wave side by side.
+    search_cpus: float = 0.5
+    retrain_cpus: float = 1.0
 
 
 FULL_SCALE = Scale(600, 200, 16, 2, 4, 8, 5, 4, 1, 16, 5, 3, 2)
-QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 2, 1, 4, 3, 1, 0, 16, 0.5, 1, "none", ("binary_all",))
+QUICK = Scale(10, 3, 8, 1, 1, 4, 3, 1, 0, 4, 3, 1, 0, 16, 0.5, 1, "none", ("binary_all",), 1 / 3, 0.25)
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -120,7 +125,13 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
             "child_lr": 0.03,  # as configs/demo.yaml: 0.01 leaves a small 1-bit Child near chance for epochs
             "arch_lr": 0.05,  # ~54 architecture steps: Adam moves an alpha by up to ~2.7, DARTS' 3e-4 x 19.5k steps ~6
         },
-        "sweep": {"seeds": list(range(scale.seeds)), "spaces": [SPACE], "variants": VARIANTS},
+        "sweep": {
+            "seeds": list(range(scale.seeds)),
+            "spaces": [SPACE],
+            "variants": VARIANTS,
+            "trial_cpus": scale.search_cpus,
+            "cpus_per_worker": scale.search_cpus,
+        },
         "retrain": {
             "network": "cifar",
             "init_channels": scale.retrain_channels,
@@ -134,12 +145,13 @@ def write_config(out: Path, uri: str, scale: Scale) -> Path:
             "teacher_lr": 0.003,
             "min_lr": 0.0001,
             "workers": scale.retrain_workers,
-            "cpus_per_worker": 1,
+            "cpus_per_worker": scale.retrain_cpus,
             "top_k": 1,
             "random_baselines": scale.randoms,
             "random_seed": 0,
         },
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "search-quality"},
+        # no tracking.uri: the commands log to the one MLflow server run_arms serves (MLFLOW_TRACKING_URI)
+        "tracking": {"experiment": "search-quality"},
     }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -288,9 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             idx = subset_idx(args.data, out / "idx", scale)
             dcpnas("data", "convert", "fashion-mnist", str(idx), str(shards), "--workers", "1", "--quiet")
         config = write_config(out, f"file://{shards}", scale)
-        run_arms(config)
+        run_arms(config, store(out))
     cfg = yaml.safe_load(config.read_text())
-    arms = collect(runs_of(cfg["tracking"]["uri"], cfg["tracking"]["experiment"]), cfg)
+    arms = collect(runs_of(store(out), cfg["tracking"]["experiment"]), cfg)
     result = {"scale": asdict(scale), "data": args.data or "synthetic", "machine": machine(), "arms": arms,
               "table": table(arms), "verdicts": verdicts(arms), "wall_s": time.perf_counter() - t0,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
@@ -300,30 +312,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def run_arms(config: Path) -> None:
-    """``dcpnas run`` (sweep of the searched arms, top-1 retrain, random baselines), then ``dcpnas retrain``
-    for every other trial, every full trial's Parent genotype and the reference cell (one Ray for all)."""
-    import ray
+def store(out: Path) -> str:
+    """The bench's MLflow store (SQLite in the working folder); the table is read from it."""
+    return f"sqlite:///{out / 'mlflow.db'}"
 
+
+def run_arms(config: Path, uri: str) -> None:
+    """``dcpnas run`` (sweep of the searched arms, top-1 retrain, random baselines), then one ``dcpnas retrain``
+    of every other trial's genotype, every full trial's Parent genotype and the reference cell, side by side.
+
+    Both commands share one Ray and one MLflow server over the store ``uri``, as a team's server would be
+    (``MLFLOW_TRACKING_URI``): a command given a server URI starts none of its own (docs/tracking.md)."""
     from pipeline import tracking
     from pipeline.config import load_config
+    from pipeline.runtime.session import ray_session
 
     cfg = load_config(config)
-    ray.init(num_cpus=cfg.sweep.num_cpus, include_dashboard=False, log_to_driver=False)  # shared by every command
-    try:
-        dcpnas("run", str(config))
-        ctx = tracking.prepare(cfg.tracking.uri, cfg.tracking.experiment)
-        sweeps = [r for r in runs_of(ctx.uri, cfg.tracking.experiment) if r["tags"].get("stage") == "sweep"]
-        sweep = next(r for r in sweeps if "genotype_ref" not in r["tags"])  # not a `dcpnas retrain` of a file
-        for trial in tracking.child_runs(ctx, sweep["run_id"]):
-            if trial["tags"].get("stage") != "search" or trial["status"] != "FINISHED":
-                continue  # random baselines hang under the sweep run too
-            dcpnas("retrain", "--config", str(config), "--genotype", trial["run_id"])
-            if search_arm(trial["tags"]) == FULL:
-                dcpnas("retrain", "--config", str(config), "--genotype", f"parent:{trial['run_id']}")
-        dcpnas("retrain", "--config", str(config), "--genotype", REFERENCE)
-    finally:
-        ray.shutdown()
+    tracking.prepare(uri, cfg.experiment)  # schema and experiment, once, before the server
+    with tracking.local_server(uri, tracking.artifacts_dir(uri)) as served, ray_session(cfg):
+        os.environ["MLFLOW_TRACKING_URI"] = served
+        try:
+            dcpnas("run", str(config))
+            ctx = tracking.prepare(served, cfg.experiment)
+            sweep = next(r for r in runs_of(served, cfg.experiment) if r["tags"].get("mlflow.runName") == "sweep")
+            refs = []
+            for trial in tracking.child_runs(ctx, sweep["run_id"]):
+                if trial["tags"].get("stage") != "search" or trial["status"] != "FINISHED":
+                    continue  # random baselines hang under the sweep run too
+                refs.append(trial["run_id"])  # the top-1 trial's is found finished and skipped
+                if search_arm(trial["tags"]) == FULL:
+                    refs.append(f"parent:{trial['run_id']}")
+            dcpnas("retrain", "--config", str(config), *(a for r in [*refs, REFERENCE] for a in ("--genotype", r)))
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ class RetrainSection(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     max_failures: int = Field(2, ge=0)
+    # retrains side by side (each its own worker group); None: as many as the cluster holds at once
+    max_concurrent: int | None = Field(None, gt=0)
     top_k: int = Field(1, ge=0)  # genotypes a sweep sends on to retraining (0: none)
     seed: int = 0
     # Random-genotype control (docs/retrain.md): k uniform genotypes per retrained space, same recipe.

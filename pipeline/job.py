@@ -21,11 +21,11 @@ from pipeline.models import num_classes
 from pipeline.names import ORIGIN_TAG, SELECT_METRIC
 from pipeline.progress.board import Log
 from pipeline.report.build import build_report, publish_report
-from pipeline.runtime.resources import cluster_resources, total
-from pipeline.runtime.session import check_ray_address, planned_resources, ray_session
-from pipeline.stages.retrain.baselines import check_capacity, retrain_baselines, sample_baselines
-from pipeline.stages.retrain.plan import check_resources, plan_steps, preflight, worker_bundles
-from pipeline.stages.retrain.stage import retrain_genotype, run_retrain
+from pipeline.runtime.resources import total
+from pipeline.runtime.session import check_ray_address, planned_resources
+from pipeline.stages.retrain.baselines import baseline_jobs, check_capacity, sample_baselines
+from pipeline.stages.retrain.plan import plan_steps, preflight
+from pipeline.stages.retrain.stage import RetrainJob, retrain_all, run_retrain
 from pipeline.stages.search.projection import Clock, step_times
 from pipeline.stages.search.sweep import TrialSummary, plan, run_sweep, trial_bundles
 
@@ -49,7 +49,8 @@ def select(trials: list[TrialSummary], top_k: int, metric: str = SELECT_METRIC) 
 
 
 def retrain_selected(cfg: Config, chosen: list[TrialSummary], log: Log) -> list[dict[str, Any]]:
-    """Register the chosen genotypes and retrain each under its search run, then the random baselines."""
+    """Register the chosen genotypes and retrain each under its search run, and the random baselines under
+    the sweep run: side by side where the cluster holds several (``retrain.max_concurrent``)."""
     ctx = tracking.connect(cfg)
     genotypes = []
     for rank, t in enumerate(chosen, 1):
@@ -61,17 +62,12 @@ def retrain_selected(cfg: Config, chosen: list[TrialSummary], log: Log) -> list[
     randoms = sample_baselines(cfg, genotypes, num_classes(cfg)) if cfg.retrain.random_baselines else []
     for g in randoms:  # drawn and checked before Ray starts, like the searched ones
         preflight(cfg, g, num_classes(cfg))
-    with ray_session(cfg):
-        check_resources(cfg, cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log))
-        out = []
-        with tracking.serving(ctx) as served:
-            for t, genotype in zip(chosen, genotypes):
-                tags = {"seed": t.seed, ORIGIN_TAG: "search"}
-                out.append({**retrain_genotype(cfg, served, genotype, t.run_id, tags, log), ORIGIN_TAG: "search"})
-            if randoms:
-                log(f"random baselines: {', '.join(g.hash[:12] for g in randoms)} (seed {cfg.retrain.random_seed})")
-                out += retrain_baselines(cfg, served, randoms, chosen[0].sweep_run_id, log)
-        return out
+    jobs = [RetrainJob(g, t.run_id, {"seed": t.seed, ORIGIN_TAG: "search"}) for t, g in zip(chosen, genotypes)]
+    if randoms:
+        log(f"random baselines: {', '.join(g.hash[:12] for g in randoms)} (seed {cfg.retrain.random_seed})")
+        jobs += baseline_jobs(cfg, randoms, chosen[0].sweep_run_id)
+    out = retrain_all(cfg, ctx, lambda _: jobs, log)
+    return [{**r, ORIGIN_TAG: j.tags[ORIGIN_TAG]} for r, j in zip(out, jobs)]
 
 
 def run(cfg: Config, log: Log = print) -> dict[str, Any]:
@@ -82,7 +78,7 @@ def run(cfg: Config, log: Log = print) -> dict[str, Any]:
     check_ray_address()
     check_capacity(cfg)  # too many random baselines for a space: say so before the sweep
     if cfg.retrain.genotype:  # a retrain-only config (e.g. imagenet-retrain-l.yaml)
-        return {"trials": [], "retrains": [run_retrain(cfg, log=log)], "report": None}
+        return {"trials": [], "retrains": run_retrain(cfg, log=log), "report": None}
     trials = run_sweep(cfg, log)
     chosen = select(trials, cfg.retrain.top_k)
     log(f"select: {len(chosen)} of {len(trials)} trials ({len({t.genotype_hash for t in trials})} genotypes)")

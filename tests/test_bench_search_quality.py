@@ -55,8 +55,8 @@ def test_table_from_a_store(tmp_path: Path) -> None:
                 retrain(trial, "parent", acc - 0.1, 0.2, origin="parent")
     for i, acc in enumerate((0.5, 0.6, 0.7, 0.6)):
         retrain(sweep, f"random{i}", acc, 0.3, origin="random")
-    loose = tracking.open_sweep_run(ctx, "retrain", {"name": "q", "x": 1}, {"genotype_ref": "ddpnas_mcn_2"})
-    retrain(loose, "ref", 0.9, 0.4, genotype_hash=load_genotype("ddpnas_mcn_2").hash)
+    loose = tracking.open_sweep_run(ctx, "retrain", {"name": "q", "x": 1})  # `dcpnas retrain` of a built-in cell
+    retrain(loose, "ref", 0.9, 0.4, genotype_hash=load_genotype("ddpnas_mcn_2").hash, genotype_ref="ddpnas_mcn_2")
     failed = tracking.open_child_run(ctx, sweep, "broken", {"stage": "retrain", "space": "dcpnas", "seed": 0})
     tracking.log_epoch(ctx, failed, {"top1": 0.99}, step=0)
     client.set_terminated(failed, "FAILED")

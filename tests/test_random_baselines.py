@@ -73,7 +73,8 @@ def test_baselines_are_retrained_like_the_searched_genotype_and_reported(tmp_pat
     ]
     client = MlflowClient(cfg.tracking.uri)
     runs = {r["run_id"]: client.get_run(r["run_id"]) for r in out}
-    recipe = runs[out[0]["run_id"]].data.params
+    recipe = {k: v for k, v in runs[out[0]["run_id"]].data.params.items() if k.startswith("retrain.")}
+    assert runs[out[0]["run_id"]].data.params["genotype.hash"] == searched.hash  # every retrain run holds its genotype
     for r in out[1:]:  # under the sweep run, the searched genotype's recipe, OPs within the window
         run = runs[r["run_id"]]
         assert run.data.tags["mlflow.parentRunId"] == sweep and run.info.status == "FINISHED"

@@ -23,6 +23,8 @@ from pipeline.stages.retrain.plan import (
     param_groups,
     plan_steps,
     preflight,
+    retrain_key,
+    retrain_slots,
 )
 
 
@@ -137,6 +139,19 @@ def test_deepspeed_config_comes_from_the_retrain_section(tmp_path) -> None:
     assert "optimizer" not in ds  # ours: torch AdamW with timm's groups, no JIT-built DeepSpeed op
 
 
+def test_retrains_side_by_side_fill_the_cluster_up_to_max_concurrent(tmp_path) -> None:
+    half = retrain_config(tmp_path, "retrain.cpus_per_worker=0.5")
+    assert retrain_slots(half, {"CPU": 2.0, "GPU": 0.0}) == 4
+    assert retrain_slots(retrain_config(tmp_path, "retrain.cpus_per_worker=0.5", "retrain.max_concurrent=3"),
+                         {"CPU": 2.0}) == 3  # fmt: skip
+    gpus = retrain_config(tmp_path, "retrain.workers=2", "retrain.gpus_per_worker=1", "retrain.batch_size=64")
+    assert retrain_slots(gpus, {"CPU": 64.0, "GPU": 5.0}) == 2  # two GPUs per retrain: the GPUs bound it
+    assert retrain_slots(retrain_config(tmp_path), {"CPU": 0.5}) == 1  # never 0 (check_resources refuses)
+    # how many run at once is scheduling, not recipe: a changed cap finds the same finished retrains
+    assert retrain_key(half) == retrain_key(half.model_copy(update={"retrain": half.retrain.model_copy(
+        update={"max_concurrent": 2})}))  # fmt: skip
+
+
 # ---- real Ray Train + DeepSpeed -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -197,16 +212,16 @@ def test_interrupted_retrain_resumes_the_same_run_and_ends_where_an_uninterrupte
 
     sets = ("retrain.teacher=none", "retrain.steps=[binary_all]", "retrain.epochs=2", "retrain.batch_size=128")
     cut = shards_config(tmp_path / "cut", *sets, "retrain.max_failures=0")
-    first = run_retrain(cut, "ddpnas_mcn_2", stop_after=1, log=lambda *_: None)
+    [first] = run_retrain(cut, ["ddpnas_mcn_2"], stop_after=1, log=lambda *_: None)
     assert first["interrupted"] == "step1"
-    done = run_retrain(cut, "ddpnas_mcn_2", log=lambda *_: None)
+    [done] = run_retrain(cut, ["ddpnas_mcn_2"], log=lambda *_: None)
     assert done["run_id"] == first["run_id"]  # the same MLflow run continues
     ctx = tracking.prepare(cut.tracking.uri, cut.name)
     history = tracking.mlflow_client(ctx.uri).get_metric_history(done["run_id"], "step1/loss")
     assert sorted(m.step for m in history) == [0, 1]  # each epoch trained (and logged) once
 
     whole = shards_config(tmp_path / "whole", *sets)
-    ref = run_retrain(whole, "ddpnas_mcn_2", log=lambda *_: None)
+    [ref] = run_retrain(whole, ["ddpnas_mcn_2"], log=lambda *_: None)
     models = []
     for c, out in ((cut, done), (whole, ref)):
         ctx = tracking.prepare(c.tracking.uri, c.name)
@@ -228,7 +243,7 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     from pipeline.stages.retrain.stage import run_retrain
 
     cfg = retrain_config(tmp_path)
-    out = run_retrain(cfg, "ddpnas_mcn_2", log=lambda *_: None)
+    [out] = run_retrain(cfg, ["ddpnas_mcn_2"], log=lambda *_: None)
     assert out["top1"] >= 0.90, out
     shards = shards_config(tmp_path)
     assert out["num_examples"] == open_dataset(shards.data.uri).split("test").num_rows  # every held-out image once
@@ -243,3 +258,30 @@ def test_demo_retrain_reaches_90_percent_and_step2_starts_from_step1(tmp_path, r
     device = torch.device("cpu")
     batches = device_batches(shards, held_out_stream(shards, 64), device)
     assert evaluate(inherited, batches, device)["top1"] == pytest.approx(logged, abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_genotypes_in_one_command_retrain_side_by_side_each_in_its_own_run(tmp_path, ray_cluster) -> None:
+    """``dcpnas retrain --genotype A --genotype B`` on a cluster that holds both: two runs under the config's
+    retrain run, overlapping in time, each holding its own genotype; a re-run finds both finished."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.retrain.stage import run_retrain
+
+    sets = ("retrain.teacher=none", "retrain.steps=[binary_all]", "retrain.epochs=1", "retrain.cpus_per_worker=0.5")
+    cfg = shards_config(tmp_path, *sets, "retrain.batch_size=128")
+    lines: list[str] = []
+    refs = ["ddpnas_mcn_2", "tangent_1"]
+    out = run_retrain(cfg, refs, log=lines.append)
+    assert "retrain: 2 genotypes, 2 at a time" in lines
+    assert [r["genotype_hash"] for r in out] == [load_genotype(g).hash for g in refs]  # in the order asked
+    client = MlflowClient(cfg.tracking.uri)
+    runs = [client.get_run(r["run_id"]) for r in out]
+    assert len({r.info.run_id for r in runs}) == 2 and len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1
+    for run, ref in zip(runs, refs):  # each run holds the genotype it trained, not the other's
+        assert (run.data.tags["genotype_ref"], run.data.params["genotype.hash"]) == (ref, load_genotype(ref).hash)
+    a, b = (r.info for r in runs)
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # side by side
+    again = run_retrain(cfg, refs, log=lambda *_: None)
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in out] and all(r["skipped"] for r in again)

@@ -6,7 +6,6 @@ forward reports over a Ray queue that a driver thread shows on the :class:`~pipe
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,39 +51,66 @@ class TuneProgress(Callback):
 
 
 class _ToQueue(UserCallback):
-    """Ray Train callback (runs in the Train controller): rank 0's report onto a Ray queue."""
+    """Ray Train callback (runs in the Train controller): rank 0's report onto a Ray queue, under its row."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
+    def __init__(self, queue: Any, name: str) -> None:
+        self.queue, self.name = queue, name
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.queue.put({k: v for k, v in metrics[0].items() if isinstance(v, int | float | str)})
+        self.queue.put((self.name, {k: v for k, v in metrics[0].items() if isinstance(v, int | float | str)}))
+
+
+class TrainProgress:
+    """Rows on one :class:`Board` for any number of Ray Train runs (retrain steps, side by side), fed by
+    one Ray queue (an actor process) and one driver thread."""
+
+    def __init__(self, queue: Any, board: Board) -> None:
+        self.queue, self.board, self.lock = queue, board, threading.Lock()
+
+    def pump(self, block: bool) -> bool:
+        """Show one queued report (waiting up to 0.5 s when ``block``); False when there was none."""
+        from queue import Empty
+
+        with self.lock:
+            try:
+                name, result = self.queue.get(timeout=0.5) if block else self.queue.get_nowait()
+            except Empty:
+                return False
+            self.board.update(name, result)
+            return True
+
+    @contextmanager
+    def row(self, name: str) -> Iterator[UserCallback]:
+        """The Ray Train callback of one run, shown as row ``name`` until the run returns."""
+        self.board.start(name)
+        ok = False
+        try:
+            yield _ToQueue(self.queue, name)
+            ok = True
+        finally:
+            while self.pump(block=False):  # fit() returned: its reports are all queued; show them first
+                pass
+            self.board.finish(name, "finished" if ok else "failed")
 
 
 @contextmanager
-def train_progress(name: str, board: Board | None = None) -> Iterator[UserCallback]:
-    """A Ray Train callback whose reports a driver thread shows on ``board`` as row ``name``."""
-    from queue import Empty
-
+def train_progress(board: Board | None = None) -> Iterator[TrainProgress]:
+    """A :class:`TrainProgress` whose driver thread shows the queued reports until the ``with`` ends."""
     from ray.util.queue import Queue
 
-    board = board or Board()
-    queue, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    progress = TrainProgress(Queue(actor_options={"num_cpus": 0}), board or Board())
+    stop = threading.Event()
 
     def pump() -> None:
-        while not (stop.is_set() and queue.empty()):
-            try:
-                board.update(name, queue.get(timeout=0.5))
-            except Empty:
-                board.beat()  # Ray Train's workers start for tens of seconds before the first report
+        while not stop.is_set():
+            if not progress.pump(block=True):
+                progress.board.beat()  # Ray Train's workers start for tens of seconds before the first report
 
-    board.start(name)
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     try:
-        yield _ToQueue(queue)
+        yield progress
     finally:
         stop.set()
         thread.join(timeout=10)
-        queue.shutdown()
-        board.finish(name, "finished" if sys.exc_info()[0] is None else "failed")
+        progress.queue.shutdown()

@@ -42,6 +42,9 @@ def ray_session(cfg: Config) -> Iterator[None]:
     if address := os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=False)
     else:
+        # No node of a local Ray can be preempted: Ray Train's preemption watcher would be one more actor
+        # process per fit. The local raylet hands the setting to every process that calls fit() (docs/stack.md §2.6).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             num_cpus=cfg.sweep.num_cpus or os.cpu_count() or 1,
             include_dashboard=False,

@@ -12,22 +12,18 @@ re-run of ``dcpnas run`` finds them again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from dcpnas.genotype import Genotype
 from dcpnas.registry import SPACES
 from dcpnas.sampling import random_genotypes, space_size
 from dcpnas.spaces import get_space
-from pipeline import tracking
 from pipeline.config import Config
 from pipeline.data.streams import image_size
 from pipeline.errors import UserError
 from pipeline.models import build_network, cost_metrics
 from pipeline.names import ORIGIN_TAG
-from pipeline.progress.board import Log
 from pipeline.stages.retrain.plan import retrain_key
-from pipeline.stages.retrain.stage import retrain_genotype
-from pipeline.tracking import TrackingContext
+from pipeline.stages.retrain.stage import RetrainJob
 
 
 def check_capacity(cfg: Config) -> None:
@@ -75,14 +71,7 @@ def baseline_key(cfg: Config, genotype: Genotype) -> str:
     return f"random:{genotype.hash[:12]},{retrain_key(cfg)}"
 
 
-def retrain_baselines(
-    cfg: Config, ctx: TrackingContext, genotypes: list[Genotype], sweep_run_id: str, log: Log
-) -> list[dict[str, Any]]:
-    """Retrain each random genotype as a run under the sweep run, inside an open (served) tracking context."""
-    out = []
-    for g in genotypes:
-        tags = {ORIGIN_TAG: "random", "random_seed": cfg.retrain.random_seed}
-        result = retrain_genotype(cfg, ctx, g, sweep_run_id, tags, log, key=baseline_key(cfg, g))
-        tracking.log_genotype(ctx, result["run_id"], g)  # the run holds its genotype: `dcpnas retrain --genotype RUN`
-        out.append({**result, ORIGIN_TAG: "random"})
-    return out
+def baseline_jobs(cfg: Config, genotypes: list[Genotype], sweep_run_id: str) -> list[RetrainJob]:
+    """A retrain under the sweep run for each random genotype, tagged ``origin=random``."""
+    tags = {ORIGIN_TAG: "random", "random_seed": cfg.retrain.random_seed}
+    return [RetrainJob(g, sweep_run_id, tags, baseline_key(cfg, g)) for g in genotypes]

@@ -119,11 +119,26 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
             )
 
 
+def retrain_slots(cfg: Config, resources: dict[str, float]) -> int:
+    """How many retrains' worker groups the cluster holds at once, at most ``retrain.max_concurrent``."""
+    fits = min(
+        math.floor((float(resources.get(kind, 0.0)) + EPS) / amount)
+        for kind, amount in total(worker_bundles(cfg)).items()
+        if amount > 0
+    )
+    cap = cfg.retrain.max_concurrent
+    return max(1, min(fits, cap) if cap else fits)
+
+
 def retrain_key(cfg: Config) -> str:
     """What makes two retrains of one genotype the same: the retrain recipe and the data."""
     from dcpnas.checkpoint import config_hash
 
-    recipe = {"retrain": cfg.retrain.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json")}
+    schedule = {"max_concurrent"}  # how many run at once changes no retrain
+    recipe = {
+        "retrain": cfg.retrain.model_dump(mode="json", exclude=schedule),
+        "data": cfg.data.model_dump(mode="json"),
+    }
     return f"retrain:{config_hash(recipe)[:12]}"
 
 

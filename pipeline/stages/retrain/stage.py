@@ -10,6 +10,10 @@ next step and the teacher reader get it from there (hash checked), never from a 
 from __future__ import annotations
 
 import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.models import FINAL_STEP_TAG, MODEL_FILE, SHA_TAG, evaluate_file, num_classes, read_model, sha256_file
 from pipeline.names import ORIGIN_TAG, TEACHER_STEP
 from pipeline.progress.board import Log
-from pipeline.progress.tune import train_progress
+from pipeline.progress.tune import TrainProgress, train_progress
 from pipeline.runtime.resources import cluster_resources
 from pipeline.runtime.session import ray_session, storage_path
 from pipeline.stages.retrain.plan import (
@@ -33,6 +37,7 @@ from pipeline.stages.retrain.plan import (
     plan_steps,
     preflight,
     retrain_key,
+    retrain_slots,
     worker_bundles,
 )
 from pipeline.stages.retrain.worker import ModelRef, fit_step
@@ -66,25 +71,35 @@ def _publish_step(ctx: TrackingContext, run_id: str, step: Step, result: Any) ->
     tracking.log_epoch(ctx, run_id, {f"{SHA_TAG}.{step.name}": sha, f"cost/{step.name}_seconds": seconds}, step=0)
 
 
+@dataclass(frozen=True)
+class RetrainJob:
+    """One genotype to retrain and where its run lives: nested under ``parent_run_id`` (the genotype's
+    search run, or the sweep / retrain run for one that no search found), tagged ``tags``, found again by
+    ``key`` (default: ``retrain_key``; a parent that holds several genotypes keys each by its hash)."""
+
+    genotype: Genotype
+    parent_run_id: str
+    tags: Mapping[str, Any]
+    key: str | None = None
+
+
 def retrain_genotype(
     cfg: Config,
     ctx: TrackingContext,
-    genotype: Genotype,
-    parent_run_id: str,
-    tags: dict[str, Any],
+    job: RetrainJob,
+    progress: TrainProgress,
     log: Log = print,
     stop_after: int | None = None,
-    key: str | None = None,
 ) -> dict[str, Any]:
     """Retrain one genotype inside an open tracking context (a served URI when workers log).
 
-    The retrain run is nested under ``parent_run_id`` (the search run of the genotype, or the sweep
-    run for a random baseline) and found again by ``key`` (default: ``retrain_key``): finished steps
-    (model artifact + hash tag) are skipped, the interrupted one resumes from its Ray Train
-    checkpoint. Returns the run id and its final metrics.
+    Finished steps (model artifact + hash tag) are skipped, the interrupted one resumes from its Ray
+    Train checkpoint. The run holds its genotype (``dcpnas retrain --genotype RUN`` works on it). Returns
+    the run id and its final metrics.
     """
+    genotype, parent_run_id = job.genotype, job.parent_run_id
     recipe = retrain_key(cfg)
-    key = key or recipe
+    key = job.key or recipe
     for t in tracking.child_runs(ctx, parent_run_id):
         if t["tags"].get(tracking.TRIAL_KEY_TAG) == key and t["status"] == "FINISHED" and FINAL_STEP_TAG in t["tags"]:
             log(f"retrain {genotype.hash[:12]}: finished in run {t['run_id']}, skipped")
@@ -94,8 +109,15 @@ def retrain_genotype(
         ctx,
         parent_run_id,
         key,
-        {"space": genotype.space, "seed": cfg.retrain.seed, **tags, "stage": "retrain", "genotype_hash": genotype.hash},
+        {
+            "space": genotype.space,
+            "seed": cfg.retrain.seed,
+            **job.tags,
+            "stage": "retrain",
+            "genotype_hash": genotype.hash,
+        },
     )
+    tracking.log_genotype(ctx, run_id, genotype)  # raises if the run found by the key holds another genotype
     tracking.log_params(ctx, run_id, cfg.retrain.model_dump(mode="json"), prefix="retrain.")
     storage = f"{storage_path(cfg).rstrip('/')}/retrain/{genotype.hash[:12]}-{recipe.split(':')[1]}"
     done = tracking.get_run(ctx, run_id)["tags"]
@@ -110,7 +132,7 @@ def retrain_genotype(
             log(f"retrain {genotype.hash[:12]}: {step.name} ({step.stage}, {step.epochs} epochs)")
             init = _step_model(ctx, run_id, step.init_from, storage) if step.init_from else None
             try:
-                with train_progress(f"retrain {genotype.hash[:12]} {step.name}") as shown:
+                with progress.row(f"retrain {genotype.hash[:12]} {step.name}") as shown:
                     result = fit_step(
                         cfg,
                         step,
@@ -152,26 +174,90 @@ def retrain_genotype(
     return {"run_id": run_id, "eval_run_id": eval_id, "genotype_hash": genotype.hash, **metrics}
 
 
-def run_retrain(cfg: Config, ref: str | None = None, log: Log = print, stop_after: int | None = None) -> dict[str, Any]:
-    """``dcpnas retrain``: the genotype ``ref`` (run id, ``models:/name@alias``, JSON file, built-in
-    name; default ``retrain.genotype``) retrained per ``cfg.retrain``, tracked in MLflow."""
-    ref = ref or cfg.retrain.genotype
-    if not ref:
+def retrain_all(
+    cfg: Config,
+    ctx: TrackingContext,
+    jobs: Callable[[TrackingContext], list[RetrainJob]],
+    log: Log = print,
+    stop_after: int | None = None,
+) -> list[dict[str, Any]]:
+    """Retrain the jobs that ``jobs(served context)`` names, in a Ray session, up to ``retrain_slots`` side by
+    side (each its own worker group); results in job order. After a failure no further retrain starts;
+    those running finish (their runs are in MLflow, a re-run skips them), then the first error is raised."""
+    with ray_session(cfg):
+        resources = cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log)
+        check_resources(cfg, resources)
+        slots = retrain_slots(cfg, resources)
+        with tracking.serving(ctx, writers=slots) as served, train_progress() as progress:
+            return _side_by_side(cfg, served, jobs(served), log, slots, stop_after, progress)
+
+
+def _side_by_side(
+    cfg: Config,
+    ctx: TrackingContext,
+    jobs: list[RetrainJob],
+    log: Log,
+    slots: int,
+    stop_after: int | None,
+    progress: TrainProgress,
+) -> list[dict[str, Any]]:
+    if slots <= 1 or len(jobs) <= 1:  # in this thread: Ray Train's Ctrl-C handler needs the main thread
+        return [retrain_genotype(cfg, ctx, j, progress, log, stop_after) for j in jobs]
+    failed = threading.Event()
+
+    def one(job: RetrainJob) -> dict[str, Any] | None:
+        if failed.is_set():
+            return None
+        try:
+            return retrain_genotype(cfg, ctx, job, progress, log, stop_after)
+        except BaseException:
+            failed.set()
+            raise
+
+    width = min(slots, len(jobs))
+    log(f"retrain: {len(jobs)} genotypes, {width} at a time")
+    pool = ThreadPoolExecutor(width, thread_name_prefix="retrain")
+    try:
+        futures = [pool.submit(one, j) for j in jobs]
+        wait(futures)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: leave now; the Ray session's end stops them
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        skipped = sum(1 for f in futures if f.exception() is None and f.result() is None)
+        log(f"retrain: {len(errors)} of {len(jobs)} failed, {skipped} not started (a re-run resumes them)")
+        raise errors[0]
+    return [f.result() for f in futures]
+
+
+def _job(cfg: Config, ctx: TrackingContext, ref: str) -> RetrainJob:
+    """What ``dcpnas retrain --genotype ref`` retrains and under which run (see ``run_retrain``)."""
+    genotype, run_id = tracking.find_genotype(ctx, ref)
+    run_tags = tracking.get_run(ctx, run_id)["tags"] if run_id else {}
+    if run_tags.get("stage") != "search":  # a file, built-in name, retrain run: under the config's retrain run
+        parent = tracking.open_sweep_run(ctx, "retrain", cfg.resolved())
+        return RetrainJob(genotype, parent, {"genotype_ref": ref}, f"{genotype.hash[:12]},{retrain_key(cfg)}")
+    search_run, seed = run_id, run_tags.get("seed")
+    tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
+    if ref.startswith(tracking.PARENT_REF):  # the search's Parent genotype, beside its Child's retrain
+        return RetrainJob(genotype, search_run, tags | {ORIGIN_TAG: "parent"}, f"{retrain_key(cfg)}:parent")
+    return RetrainJob(genotype, search_run, tags | {ORIGIN_TAG: "search"})
+
+
+def run_retrain(
+    cfg: Config, refs: Sequence[str] = (), log: Log = print, stop_after: int | None = None
+) -> list[dict[str, Any]]:
+    """``dcpnas retrain``: the genotypes ``refs`` (run ids, ``parent:<run id>``, ``models:/name@alias``, JSON
+    files, built-in names; default ``retrain.genotype``) retrained per ``cfg.retrain``, side by side where
+    the cluster holds several, tracked in MLflow. A genotype of a search run nests under that run; any
+    other under the config's ``retrain`` run, keyed by its hash."""
+    refs = list(dict.fromkeys(refs or ([cfg.retrain.genotype] if cfg.retrain.genotype else [])))
+    if not refs:
         raise UserError("no genotype to retrain: pass --genotype REF or set retrain.genotype")
     # fails fast, before compute
     ctx = tracking.connect(cfg)
-    genotype, search_run = tracking.find_genotype(ctx, ref)
+    genotypes = [tracking.find_genotype(ctx, ref)[0] for ref in refs]
     cfg = ensure_shards(cfg, log)
-    preflight(cfg, genotype, num_classes(cfg))
-    with ray_session(cfg):
-        check_resources(cfg, cluster_resources(worker_bundles(cfg), cfg.scale_up_wait_s, log))
-        with tracking.serving(ctx) as served:
-            parent = search_run or tracking.open_sweep_run(served, "retrain", cfg.resolved(), {"genotype_ref": ref})
-            seed = search_run and tracking.get_run(served, search_run)["tags"].get("seed")
-            tags = {"seed": seed} if seed else {}  # the search seed that found the genotype
-            key = None
-            if ref.startswith(tracking.PARENT_REF):  # the search's Parent genotype, beside its Child's retrain
-                tags[ORIGIN_TAG], key = "parent", f"{retrain_key(cfg)}:parent"
-            elif search_run:
-                tags[ORIGIN_TAG] = "search"
-            return retrain_genotype(cfg, served, genotype, parent, tags, log, stop_after, key)
+    for genotype in genotypes:
+        preflight(cfg, genotype, num_classes(cfg))
+    return retrain_all(cfg, ctx, lambda served: [_job(cfg, served, ref) for ref in refs], log, stop_after)
