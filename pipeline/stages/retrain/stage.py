@@ -230,9 +230,8 @@ def _side_by_side(
     return [f.result() for f in futures]
 
 
-def _job(cfg: Config, ctx: TrackingContext, ref: str) -> RetrainJob:
-    """What ``dcpnas retrain --genotype ref`` retrains and under which run (see ``run_retrain``)."""
-    genotype, run_id = tracking.find_genotype(ctx, ref)
+def _job(cfg: Config, ctx: TrackingContext, ref: str, genotype: Genotype, run_id: str | None) -> RetrainJob:
+    """Where ``dcpnas retrain --genotype ref`` retrains ``genotype`` (logged by ``run_id``, if any)."""
     run_tags = tracking.get_run(ctx, run_id)["tags"] if run_id else {}
     if run_tags.get("stage") != "search":  # a file, built-in name, retrain run: under the config's retrain run
         parent = tracking.open_sweep_run(ctx, "retrain", cfg.resolved())
@@ -256,8 +255,17 @@ def run_retrain(
         raise UserError("no genotype to retrain: pass --genotype REF or set retrain.genotype")
     # fails fast, before compute
     ctx = tracking.connect(cfg)
-    genotypes = [tracking.find_genotype(ctx, ref)[0] for ref in refs]
+    found = {ref: tracking.find_genotype(ctx, ref) for ref in refs}
     cfg = ensure_shards(cfg, log)
-    for genotype in genotypes:
+    for genotype, _ in found.values():
         preflight(cfg, genotype, num_classes(cfg))
-    return retrain_all(cfg, ctx, lambda served: [_job(cfg, served, ref) for ref in refs], log, stop_after)
+
+    def jobs(served: TrackingContext) -> list[RetrainJob]:
+        # two refs to one genotype of one run (a run id and its registry alias) are one retrain
+        unique = {}
+        for ref, (genotype, run_id) in found.items():
+            job = _job(cfg, served, ref, genotype, run_id)
+            unique.setdefault((job.parent_run_id, job.key, genotype.hash), job)
+        return list(unique.values())
+
+    return retrain_all(cfg, ctx, jobs, log, stop_after)
