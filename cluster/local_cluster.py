@@ -202,9 +202,22 @@ class LocalCluster:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     def start(self) -> LocalCluster:
-        """Start head then worker, wait for 2 alive nodes, record every process; on any failure stop what started."""
+        """Start head then worker, wait for 2 alive nodes, record every process; on any failure stop what started.
+
+        On a loaded machine a raylet can miss ``ray start``'s fixed 30 s registration wait ("The current node timed
+        out during startup", seen on the head while a test suite ran beside it): then the cluster is started once
+        more from scratch, on fresh ports where none were given.
+        """
         if self.state_path.exists():
             raise RuntimeError(f"{self.state_path} exists: a cluster may be running there; stop it first")
+        given = self.port, self.dashboard_port
+        try:
+            return self._start_once()
+        except (RuntimeError, TimeoutError):  # the failed attempt is stopped already
+            self.port, self.dashboard_port = given
+            return self._start_once()
+
+    def _start_once(self) -> LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         gcs, dash, client, head_agent = free_ports(4)
         self.port = self.port or gcs

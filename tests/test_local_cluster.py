@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import psutil
 import pytest
@@ -90,6 +91,30 @@ def test_rejects_loopback_127_0_0_1_and_unknown_auth(tmp_path: Path, lc: ModuleT
     with pytest.raises(ValueError, match="auth"):
         lc.LocalCluster(tmp_path, auth="none")
     assert len(set(lc.free_ports(5))) == 5
+
+
+def test_a_start_that_misses_rays_registration_wait_is_retried_once_on_fresh_ports(
+    tmp_path: Path, lc: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a loaded machine does to a start (the failed attempt stops its own processes): one retry, then
+    the error."""
+    seen: list[tuple[int | None, int | None]] = []
+
+    def attempt(self: Any, fail: int) -> Any:
+        seen.append((self.port, self.dashboard_port))
+        if len(seen) <= fail:
+            self.port, self.dashboard_port = 41000 + len(seen), 42000  # ports the failed attempt picked
+            raise RuntimeError("`ray start` for the head node exited 1: The current node timed out during startup")
+        return self
+
+    monkeypatch.setattr(lc.LocalCluster, "_start_once", lambda self: attempt(self, 1))
+    c = lc.LocalCluster(tmp_path / "c")
+    assert c.start() is c and seen == [(None, None), (None, None)]  # the retry picks its own ports
+    seen.clear()
+    monkeypatch.setattr(lc.LocalCluster, "_start_once", lambda self: attempt(self, 2))
+    with pytest.raises(RuntimeError, match="timed out during startup"):
+        lc.LocalCluster(tmp_path / "d", port=6390).start()
+    assert seen == [(6390, None), (6390, None)]  # a given port is kept
 
 
 @pytest.mark.ray
