@@ -328,13 +328,12 @@ def run_arms(config: Path, uri: str) -> None:
     from pipeline.runtime.session import ray_session
 
     cfg = load_config(config)
-    tracking.prepare(uri, cfg.experiment)  # schema and experiment, once, before the server
-    with tracking.local_server(uri, tracking.artifacts_dir(uri)) as served, ray_session(cfg):
-        os.environ["MLFLOW_TRACKING_URI"] = served
+    store = tracking.prepare(uri, cfg.experiment)  # schema and experiment, once, before the server
+    with tracking.serving(store) as ctx, ray_session(cfg):
+        os.environ["MLFLOW_TRACKING_URI"] = ctx.uri
         try:
             dcpnas("run", str(config))
-            ctx = tracking.prepare(served, cfg.experiment)
-            sweep = next(r for r in runs_of(served, cfg.experiment) if r["tags"].get("mlflow.runName") == "sweep")
+            sweep = next(r for r in runs_of(ctx.uri, cfg.experiment) if r["tags"].get("mlflow.runName") == "sweep")
             refs = []
             for trial in tracking.child_runs(ctx, sweep["run_id"]):
                 if trial["tags"].get("stage") != "search" or trial["status"] != "FINISHED":

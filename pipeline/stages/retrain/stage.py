@@ -250,12 +250,12 @@ def run_retrain(
     files, built-in names; default ``retrain.genotype``) retrained per ``cfg.retrain``, side by side where
     the cluster holds several, tracked in MLflow. A genotype of a search run nests under that run; any
     other under the config's ``retrain`` run, keyed by its hash."""
-    refs = list(dict.fromkeys(refs or ([cfg.retrain.genotype] if cfg.retrain.genotype else [])))
+    refs = refs or ([cfg.retrain.genotype] if cfg.retrain.genotype else [])
     if not refs:
         raise UserError("no genotype to retrain: pass --genotype REF or set retrain.genotype")
     # fails fast, before compute
     ctx = tracking.connect(cfg)
-    found = {ref: tracking.find_genotype(ctx, ref) for ref in refs}
+    found = {ref: tracking.find_genotype(ctx, ref) for ref in refs}  # a ref given twice is read once
     cfg = ensure_shards(cfg, log)
     for genotype, _ in found.values():
         preflight(cfg, genotype, num_classes(cfg))
