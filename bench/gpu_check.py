@@ -1,7 +1,8 @@
 """``make gpu-check``: what one GPU says about the ImageNet search, in one table (and JSON), < 8 minutes.
 
 Rows: the ``gpu``-marked tests; a 1-GPU NCCL search under Ray Train; the search steps at the ImageNet
-config's supernet and per-GPU batch (bf16 vs fp32 vs DARTS first order, peak memory at 224 px);
+config's supernet and per-GPU batch (bf16 vs fp32 vs DARTS first order, the Child step with
+``parent_outputs: replay``, peak memory at 224 px);
 DCP-NAS-L retraining images/s in bf16; the projected GPU-days of the ImageNet search. Exits 2 at once
 without a CUDA device.
 
@@ -185,6 +186,11 @@ def search_steps(device: torch.device, repeats: int) -> tuple[list[Row], SearchT
     rows.append(Row("DARTS 1st-order step, bf16", d1, "s/step"))
     rows.append(Row("bf16 speed-up of the child step", child_fp32 / child_arch, "x", child_fp32 > child_arch))
     rows.append(Row("child step (GGN) / DARTS 1st order, bf16", child_arch / d1, "x", child_arch / d1 <= 2.5))
+    replay = DCPNASSearch(dataclasses.replace(base, parent_outputs="replay"), device=device)
+    with replay.amp:  # the Parent step whose outputs every timed Child step 0 replays
+        replay.parent_step(replay.layout(wb), replay.layout(ab))
+    child_replay = timed("DCP-NAS child step (GGN), parent_outputs: replay, bf16", replay, replay.child_step)
+    rows.append(Row("replayed child step / DARTS 1st order, bf16", child_replay / d1, "x", child_replay / d1 <= 2.0))
     return rows, SearchTimes(parent_warm, child_warm, parent_arch, child_arch, eval_batch)
 
 

@@ -24,6 +24,7 @@ from dcpnas.decoupled import PSI_RULES, Backtracker, backtrack_ratio
 from dcpnas.genotype import Genotype
 from dcpnas.losses import kl_to_teacher
 from dcpnas.ops import OpContext
+from dcpnas.replay import ParentReplay
 from dcpnas.spaces import get_space
 from dcpnas.supernet import SuperNet, frozen_bn_stats
 from dcpnas.tangent import DISCREPANCIES, HESSIANS, child_arch_gradient, parent_tangent
@@ -76,6 +77,7 @@ class SearchConfig:
     discrepancy: str = "fro"  # fro | l1 | cos (Table 4.4)
     hessian: str = "ggn"  # ggn | exact (the "no GGN" ablation)
     tangent: str = "batch"  # batch: Parent tangent on each arch batch | phase: mean over the Parent phase
+    parent_outputs: str = "live"  # live: the Child step runs the frozen Parent | replay: recorded in its phase
     # decoupled optimisation (method §6.4)
     decoupled: bool = True
     tau: float = 0.5
@@ -113,6 +115,7 @@ class SearchConfig:
             "discrepancy": DISCREPANCIES,
             "hessian": HESSIANS,
             "tangent": ("batch", "phase"),
+            "parent_outputs": ("live", "replay"),
             "backtrack": ("large", "small"),
             "psi_granularity": ("edge", "op"),
             "psi_rule": PSI_RULES,
@@ -250,6 +253,7 @@ class DCPNASSearch:
         self.backtrack = {"parent": Backtracker(**bt).to(device, dtype), "child": Backtracker(**bt).to(device, dtype)}
         self.epoch, self.phase, self.step, self.global_step = 0, "parent", 0, 0
         self.phase_tangent = torch.zeros_like(self.parent.alpha)
+        self.replay = ParentReplay()  # parent_outputs: replay
         # [sum, count] per metric and non-finite weight losses [parent, child], kept on the device: read per epoch
         self.meters: dict[str, Tensor] = {}
         self.nonfinite = torch.zeros(2, dtype=torch.float64, device=device)
@@ -344,12 +348,18 @@ class DCPNASSearch:
         self._weight_step("parent", self.parent, loss)
         self._meter("parent/loss", loss, len(y))
         self._meter("parent/acc", (logits.argmax(1) == y).float().mean(), len(y))
+        replay = self.cfg.parent_outputs == "replay"
+        teacher = torch.softmax(logits.detach(), dim=-1) if replay else None
         if not self.arch_active:
+            if replay:
+                self.replay.record(self.step, teacher, None, None)
             return
         with frozen_bn_stats(self.parent):
-            tangent, _, ce = parent_tangent(self.parent, *ab)
+            tangent, teacher_a, ce = parent_tangent(self.parent, *ab)
         grad = self.reduce(-tangent)
         self.phase_tangent += (-grad - self.phase_tangent) / (self.step + 1)  # running mean over the phase
+        if replay:
+            self.replay.record(self.step, teacher, teacher_a, -grad)
         self._meter("parent/arch_loss", ce)
         self._arch_step("parent", self.parent.alpha, grad, self.parent.op_weight_norms)
 
@@ -357,8 +367,12 @@ class DCPNASSearch:
         c = self.cfg
         x, y = wb
         self.child.train()
-        with torch.no_grad(), frozen_bn_stats(self.parent):
-            teacher = torch.softmax(self.parent(x), dim=-1)
+        replay = self.replay.get(self.step) if c.parent_outputs == "replay" else None
+        if replay is not None:
+            teacher = replay[0]
+        else:
+            with torch.no_grad(), frozen_bn_stats(self.parent):
+                teacher = torch.softmax(self.parent(x), dim=-1)
         logits = self.child_fwd(x, alpha=self.child.alpha.detach())
         kl = kl_to_teacher(logits, teacher)
         l_r = reconstruction_loss(self.child)
@@ -370,7 +384,10 @@ class DCPNASSearch:
             return
         xa, ya = ab
         with frozen_bn_stats(self.parent), frozen_bn_stats(self.child):
-            if c.tangent == "batch":
+            if replay is not None:
+                _, teacher_a, tangent = replay
+                tangent = tangent if c.tangent == "batch" else self.phase_tangent
+            elif c.tangent == "batch":
                 tangent, teacher_a, _ = parent_tangent(self.parent, xa, ya)
                 tangent = self.reduce(tangent)
             else:
@@ -457,7 +474,9 @@ class DCPNASSearch:
                 if self.step == 0:
                     self._enter_phase()
                 step_fn = self.parent_step if phase == "parent" else self.child_step
-                for wb, ab in data.batches(self.epoch, phase, self.step):
+                # replay: the Child phase reads the Parent phase's batches, in the same order
+                order = "parent" if self.cfg.parent_outputs == "replay" else phase
+                for wb, ab in data.batches(self.epoch, order, self.step):
                     if max_steps is not None and steps_run >= max_steps:
                         return self.genotype()
                     with self.amp:
@@ -469,6 +488,7 @@ class DCPNASSearch:
                         self.check_finite()
             for s in self.sched.values():
                 s.step()
+            self.replay.clear()
             self.check_finite()
             metrics = self._epoch_metrics(data, time.perf_counter() - t0, time.process_time() - cpu0)
             self.history.append(metrics)
@@ -490,6 +510,7 @@ class DCPNASSearch:
             "backtrack": {k: b.state_dict() for k, b in self.backtrack.items()},
             "position": {"epoch": self.epoch, "phase": self.phase, "step": self.step, "global_step": self.global_step},
             "phase_tangent": self.phase_tangent,
+            "replay": self.replay.state_dict(),
             "meters": {k: v.tolist() for k, v in self.meters.items()},
             "history": self.history,
             "rng": torch.get_rng_state(),
@@ -513,6 +534,7 @@ class DCPNASSearch:
             pos["global_step"],
         )
         self.phase_tangent.copy_(state["phase_tangent"])
+        self.replay.load_state_dict(state["replay"])
         self.meters.clear()
         self.meters.update({k: self.nonfinite.new_tensor(v) for k, v in state["meters"].items()})
         self.history = list(state["history"])

@@ -84,7 +84,7 @@ def test_darts_runs_on_the_parent_supernet() -> None:
 def test_every_variant_runs_and_is_reported() -> None:
     argv = ["--channels", "4", "--layers", "3", "--batch", "4", "--image-size", "8", "--space", "dcpnas_3x3"]
     result = bench.main([*argv, "--repeats", "1", "--warmup", "0", "--components", "--no-memory"])
-    names = {*bench.VARIANTS, "dcpnas_iter", "arch_grad_lam0", "arch_grad_ggn", "arch_grad_exact"}
+    names = {*bench.VARIANTS, "dcpnas_iter", "dcpnas_iter_replay", "arch_grad_lam0", "arch_grad_ggn", "arch_grad_exact"}
     for clock in ("wall", "cpu"):
         assert set(result["summary"][clock]) == names
         assert all(s["median"] > 0 for s in result["summary"][clock].values())

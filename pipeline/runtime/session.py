@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.runtime.trainer import LOCAL_RAY_ENV
 
 
 def check_ray_address() -> None:
@@ -45,6 +46,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
         # No node of a local Ray can be preempted: Ray Train's preemption watcher would be one more actor
         # process per fit. The local raylet hands the setting to every process that calls fit() (docs/stack.md §2.6).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ[LOCAL_RAY_ENV] = "1"  # fit_workers leaves out the placement-group cleaner
         ray.init(
             num_cpus=cfg.sweep.num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
@@ -55,6 +57,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        os.environ.pop(LOCAL_RAY_ENV, None)
 
 
 def planned_resources(cfg: Config) -> dict[str, float]:
