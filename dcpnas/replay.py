@@ -1,17 +1,16 @@
 """Parent outputs recorded in the Parent phase and replayed in the Child phase (``parent_outputs: replay``).
 
-A Child step needs three things from the frozen Parent: its soft targets on the weight batch, its soft targets
-on the architecture batch and, with ``tangent: batch``, its tangent there. Computing them live costs a Parent
-forward and a Parent forward + alpha-backward per Child step, about a quarter of the step
-(docs/benchmarks/search_step.md). The Parent phase computes exactly these quantities on the same batches
+A Child architecture-phase step needs three things from the frozen Parent: its soft targets on the weight
+batch, its soft targets on the architecture batch and, with ``tangent: batch``, its tangent there. Computing
+them live costs a Parent forward and a Parent forward + alpha-backward per Child step, about a fifth of the
+step (docs/benchmarks/search_step.md). The Parent step computes exactly these quantities on the same batches
 (in this mode the Child phase reads the Parent phase's batch order), only with the Parent as it was at that
 step instead of at the end of its phase: the book's "tangent produced during the Parent phase". This buffer
-keeps them on the device, one entry per step, for the following Child phase (docs/method.md §4.1).
+keeps them on the device, one entry per step, for the following Child phase. Warm-up epochs do not replay:
+their Child learns from the live Parent (docs/method.md, "Replay and search quality").
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from torch import Tensor
 
@@ -22,33 +21,32 @@ class ParentReplay:
     """Per step of the current epoch: the Parent's soft targets on both batches and its reduced tangent."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, list[Tensor | None]] = {k: [] for k in FIELDS}
+        self.entries: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
 
     def __len__(self) -> int:
         return len(self.entries["teacher"])
 
-    def record(self, step: int, teacher: Tensor, teacher_arch: Tensor | None, tangent: Tensor | None) -> None:
-        """The Parent's outputs of Parent step ``step`` (``None``: the architecture step did not run)."""
+    def record(self, step: int, teacher: Tensor, teacher_arch: Tensor, tangent: Tensor) -> None:
+        """The Parent's outputs at Parent step ``step``."""
         if step != len(self):
             raise RuntimeError(f"replay: Parent step {step} recorded after {len(self)} steps")
         for name, value in zip(FIELDS, (teacher, teacher_arch, tangent)):
-            self.entries[name].append(None if value is None else value.detach())
+            self.entries[name].append(value.detach())
 
-    def get(self, step: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def get(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """What Parent step ``step`` recorded, for Child step ``step`` of the same epoch."""
         if step >= len(self):
             raise RuntimeError(f"replay: Child step {step} has no Parent step to replay ({len(self)} recorded)")
         teacher, teacher_arch, tangent = (self.entries[k][step] for k in FIELDS)
-        assert teacher is not None
         return teacher, teacher_arch, tangent
 
     def clear(self) -> None:
         for values in self.entries.values():
             values.clear()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, list[Tensor]]:
         """Empty at epoch ends, where the pipeline checkpoints; a mid-epoch state holds this rank's entries."""
         return {k: list(v) for k, v in self.entries.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, list[Tensor]]) -> None:
         self.entries = {k: list(state[k]) for k in FIELDS}

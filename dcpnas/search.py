@@ -307,6 +307,11 @@ class DCPNASSearch:
     def arch_active(self) -> bool:
         return self.epoch >= self.cfg.warmup_epochs
 
+    @property
+    def replaying(self) -> bool:
+        """``parent_outputs: replay`` after warm-up (a warm-up Child learns from the live Parent)."""
+        return self.cfg.parent_outputs == "replay" and self.arch_active
+
     def genotype(self) -> Genotype:
         return Genotype.from_alphas(self.child.alpha, self.space, self.cfg.genotype_ranking)
 
@@ -348,18 +353,14 @@ class DCPNASSearch:
         self._weight_step("parent", self.parent, loss)
         self._meter("parent/loss", loss, len(y))
         self._meter("parent/acc", (logits.argmax(1) == y).float().mean(), len(y))
-        replay = self.cfg.parent_outputs == "replay"
-        teacher = torch.softmax(logits.detach(), dim=-1) if replay else None
         if not self.arch_active:
-            if replay:
-                self.replay.record(self.step, teacher, None, None)
             return
         with frozen_bn_stats(self.parent):
             tangent, teacher_a, ce = parent_tangent(self.parent, *ab)
         grad = self.reduce(-tangent)
         self.phase_tangent += (-grad - self.phase_tangent) / (self.step + 1)  # running mean over the phase
-        if replay:
-            self.replay.record(self.step, teacher, teacher_a, -grad)
+        if self.replaying:  # what Child step self.step, on these batches, will use
+            self.replay.record(self.step, torch.softmax(logits.detach(), dim=-1), teacher_a, -grad)
         self._meter("parent/arch_loss", ce)
         self._arch_step("parent", self.parent.alpha, grad, self.parent.op_weight_norms)
 
@@ -367,7 +368,7 @@ class DCPNASSearch:
         c = self.cfg
         x, y = wb
         self.child.train()
-        replay = self.replay.get(self.step) if c.parent_outputs == "replay" else None
+        replay = self.replay.get(self.step) if self.replaying else None  # (teacher, teacher_a, tangent)
         if replay is not None:
             teacher = replay[0]
         else:
@@ -475,7 +476,7 @@ class DCPNASSearch:
                     self._enter_phase()
                 step_fn = self.parent_step if phase == "parent" else self.child_step
                 # replay: the Child phase reads the Parent phase's batches, in the same order
-                order = "parent" if self.cfg.parent_outputs == "replay" else phase
+                order = "parent" if self.replaying else phase
                 for wb, ab in data.batches(self.epoch, order, self.step):
                     if max_steps is not None and steps_run >= max_steps:
                         return self.genotype()

@@ -80,31 +80,33 @@ def test_replayed_child_step_uses_what_the_parent_step_computed(tiny_config: Cal
 
 
 def test_replay_reads_the_parent_batches_and_runs_no_parent_pass(tiny_config: Callable[..., SearchConfig]) -> None:
-    s = DCPNASSearch(tiny_config(warmup_epochs=0, epochs=1, parent_outputs="replay"))
-    seen: dict[str, list[torch.Tensor]] = {"parent": [], "child": []}
-    passes = {"parent": 0, "child": 0}  # Parent forwards within each phase's steps (evaluation left out)
-    in_step: list[str] = []
+    """After warm-up; a warm-up Child phase reads its own batches and runs the live teacher."""
+    s = DCPNASSearch(tiny_config(warmup_epochs=1, epochs=2, parent_outputs="replay"))
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+    passes: dict[tuple[int, str], int] = {}  # Parent forwards within each phase's steps (evaluation left out)
+    in_step: list[tuple[int, str]] = []
 
     def count(*_) -> None:
-        for phase in in_step:
-            passes[phase] += 1
+        for key in in_step:
+            passes[key] = passes.get(key, 0) + 1
 
     s.parent.register_forward_hook(count)
 
     def recording(phase: str, step: Callable) -> Callable:
         def run_step(wb, ab) -> None:
-            seen[phase].append(wb[0])
-            in_step.append(phase)
+            seen.setdefault((s.epoch, phase), []).append(wb[0])
+            in_step.append((s.epoch, phase))
             step(wb, ab)
             in_step.clear()
 
         return run_step
 
-    for phase in seen:
+    for phase in ("parent", "child"):
         setattr(s, f"{phase}_step", recording(phase, getattr(s, f"{phase}_step")))
     s.run(data())
-    assert len(seen["child"]) == 3 and all(map(torch.equal, seen["parent"], seen["child"]))
-    assert passes == {"parent": 6, "child": 0}  # weight step + tangent per Parent step; none in the Child
+    assert passes == {(0, "parent"): 3, (0, "child"): 3, (1, "parent"): 6}  # replayed: no Parent pass in (1, child)
+    assert all(map(torch.equal, seen[1, "parent"], seen[1, "child"]))
+    assert not torch.equal(seen[0, "parent"][0], seen[0, "child"][0])
     assert len(s.replay) == 0  # emptied at the epoch's end: a checkpoint there holds no replay
 
 
