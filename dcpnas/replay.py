@@ -27,10 +27,12 @@ class ParentReplay:
         return len(self.entries["teacher"])
 
     def record(self, step: int, teacher: Tensor, teacher_arch: Tensor, tangent: Tensor) -> None:
-        """The Parent's outputs at Parent step ``step``."""
-        if step != len(self):
-            raise RuntimeError(f"replay: Parent step {step} recorded after {len(self)} steps")
+        """The Parent's outputs at Parent step ``step``; a step run again (a timing loop, the dry run's
+        measurement) replaces its entry and drops any later one."""
+        if step > len(self):
+            raise RuntimeError(f"replay: Parent step {step} recorded after only {len(self)} steps")
         for name, value in zip(FIELDS, (teacher, teacher_arch, tangent)):
+            del self.entries[name][step:]
             self.entries[name].append(value.detach())
 
     def get(self, step: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -59,6 +59,13 @@ def test_dry_run_prints_plan_and_projected_cost(tmp_path, capsys) -> None:
     assert not (tmp_path / "demo").exists()  # started nothing
 
 
+def test_dry_run_measures_the_steps_of_a_replaying_search(tmp_path, capsys) -> None:
+    """The projection times each step several times at step 0: a replayed Parent step is recorded anew."""
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "sweep.num_cpus=2", "--set", "search.parent_outputs=replay"]
+    assert main(["run", *sets, "--dry-run"]) == 0
+    assert "steps per phase: 5" in capsys.readouterr().out
+
+
 def test_dry_run_of_a_gpu_config_without_a_gpu_states_its_assumptions(capsys) -> None:
     assert main(["run", str(ROOT / "configs" / "imagenet-search.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
