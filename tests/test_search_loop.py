@@ -119,6 +119,42 @@ def test_child_step_follows_eq_4_32_and_eq_4_33(tiny_config: Callable[..., Searc
     assert (expected - g1).norm() > 0.1 * g1.norm(), "lam * H v must matter at this lam"
 
 
+def test_replayed_child_step_uses_what_the_parent_step_computed(tiny_config: Callable[..., SearchConfig]) -> None:
+    """Teacher: the Parent before its weight step; tangent and arch targets: after it, before its arch step."""
+    cfg = tiny_config(**GRADIENT_CHECK, parent_outputs="replay")
+    s = DCPNASSearch(cfg, dtype=torch.float64)
+    (x, y), (xa, ya) = batches(2)
+    alpha0 = s.parent.alpha.detach().clone()
+    with torch.no_grad(), frozen_bn_stats(s.parent):
+        teacher = torch.softmax(s.parent(x), -1)
+    reference = DCPNASSearch(cfg, dtype=torch.float64)  # same seed: the Child's initial weights
+
+    s.parent_step((x, y), (xa, ya))  # Parent step 0 records; Child step 0 replays it
+    with torch.no_grad(), frozen_bn_stats(s.parent):
+        live_teacher = torch.softmax(s.parent(x), -1)
+    assert (live_teacher - teacher).abs().max() > 1e-3, "a live teacher must differ here, or the test cannot tell"
+
+    def targets(net):
+        with frozen_bn_stats(net):
+            return parent_tangent(net, xa, ya)[:2]
+
+    tangent, teacher_a = arch_grad_at(s.parent, alpha0, targets)
+    s.child_step((x, y), (xa, ya))
+
+    loss = kl_to_teacher(reference.child(x, alpha=alpha0), teacher) + cfg.mu * reconstruction_loss(reference.child)
+    ref_w = torch.autograd.grad(loss, list(reference.child.weight_parameters()))
+    clip = min(1.0, cfg.grad_clip / (torch.cat([r.flatten() for r in ref_w]).norm().item() + 1e-6))
+    for p, r in zip(s.child.weight_parameters(), ref_w):
+        torch.testing.assert_close(adam_grad(s, "child_w", p), r * clip, rtol=1e-8, atol=1e-12)
+
+    def eq_4_33(net):
+        with frozen_bn_stats(net):
+            return child_arch_gradient(net, xa, teacher_a, tangent, cfg.lam, cfg.discrepancy, cfg.hessian).grad
+
+    expected = arch_grad_at(s.child, alpha0, eq_4_33) + cfg.arch_weight_decay * alpha0
+    torch.testing.assert_close(adam_grad(s, "child_a", s.child.alpha), expected, rtol=1e-8, atol=1e-12)
+
+
 def test_architecture_is_handed_over_child_to_parent_at_each_epoch(tiny_config: Callable[..., SearchConfig]) -> None:
     cfg = tiny_config(epochs=3, warmup_epochs=1, alpha_init_std=1e-3, decoupled=True, lam=5e-3, mu=0.2, seed=3)
     g = torch.Generator().manual_seed(0)
