@@ -19,9 +19,9 @@ thread count) and runs on the same two batches (weight split, architecture split
                  to separate what the Hessian choice costs from the rest of the child step.
 
 Derived per round: dcpnas_iter = (parent + ggn) / 2 (dcpnas_iter_replay with the replayed step), the
-mean cost per batch of a search that alternates the two phases by epoch. Variants run round-robin (A B C D E A B C D E ...) so load
-drifts on a shared machine hit all of them; medians and IQRs over the timed rounds, in wall and in
-process CPU time. Peak memory: one extra step per variant after the timings (see
+mean cost per batch of a search that alternates the two phases by epoch. Variants run round-robin
+(A B C D E A B C D E ...) so load drifts on a shared machine hit all of them; medians and IQRs over
+the timed rounds, in wall and in process CPU time. Peak memory: one extra step per variant after the timings (see
 ``peak_step_memory_mib``). Issue goals: dcpnas_ggn <= darts_2nd, dcpnas_ggn <= 2.0 x darts_1st
 (issue 15; issue 2 asked 2.5 x; also checked for dcpnas_replay), dcpnas_exact >= 3 x dcpnas_ggn.
 
