@@ -14,41 +14,38 @@ from __future__ import annotations
 
 from torch import Tensor
 
-FIELDS = ("teacher", "teacher_arch", "tangent")
+Entry = tuple[Tensor, Tensor, Tensor]  # (teacher, teacher_arch, tangent)
 
 
 class ParentReplay:
     """Per step of the current epoch: the Parent's soft targets on both batches and its reduced tangent."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, list[Tensor]] = {k: [] for k in FIELDS}
+        self.entries: list[Entry] = []
 
     def __len__(self) -> int:
-        return len(self.entries["teacher"])
+        return len(self.entries)
 
     def record(self, step: int, teacher: Tensor, teacher_arch: Tensor, tangent: Tensor) -> None:
         """The Parent's outputs at Parent step ``step``; a step run again (a timing loop, the dry run's
         measurement) replaces its entry and drops any later one."""
         if step > len(self):
             raise RuntimeError(f"replay: Parent step {step} recorded after only {len(self)} steps")
-        for name, value in zip(FIELDS, (teacher, teacher_arch, tangent)):
-            del self.entries[name][step:]
-            self.entries[name].append(value.detach())
+        del self.entries[step:]
+        self.entries.append((teacher.detach(), teacher_arch.detach(), tangent.detach()))
 
-    def get(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+    def get(self, step: int) -> Entry:
         """What Parent step ``step`` recorded, for Child step ``step`` of the same epoch."""
         if step >= len(self):
             raise RuntimeError(f"replay: Child step {step} has no Parent step to replay ({len(self)} recorded)")
-        teacher, teacher_arch, tangent = (self.entries[k][step] for k in FIELDS)
-        return teacher, teacher_arch, tangent
+        return self.entries[step]
 
     def clear(self) -> None:
-        for values in self.entries.values():
-            values.clear()
+        self.entries.clear()
 
-    def state_dict(self) -> dict[str, list[Tensor]]:
+    def state_dict(self) -> dict[str, list[list[Tensor]]]:
         """Empty at epoch ends, where the pipeline checkpoints; a mid-epoch state holds this rank's entries."""
-        return {k: list(v) for k, v in self.entries.items()}
+        return {"entries": [list(e) for e in self.entries]}
 
-    def load_state_dict(self, state: dict[str, list[Tensor]]) -> None:
-        self.entries = {k: list(state[k]) for k in FIELDS}
+    def load_state_dict(self, state: dict[str, list[list[Tensor]]]) -> None:
+        self.entries = [(t, ta, tg) for t, ta, tg in state["entries"]]

@@ -1,4 +1,4 @@
-"""The fit of every stage: Ray Train without the helper actors it never uses (docs/stack.md §2.6)."""
+"""The fit of every stage: Ray Train without the helper actors it never uses (docs/stack.md §2.7)."""
 
 from __future__ import annotations
 

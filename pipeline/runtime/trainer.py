@@ -76,7 +76,7 @@ def fit_workers(
 @lru_cache
 def lean_trainer(local: bool) -> type:
     """``TorchTrainer`` without the helper actors our fits never use, each a Python process of ~2 s CPU per
-    fit (docs/stack.md §2.6): Ray Data's shard manager (no Ray Dataset is ever passed) and, on a local Ray,
+    fit (docs/stack.md §2.7): Ray Data's shard manager (no Ray Dataset is ever passed) and, on a local Ray,
     the placement-group cleaner (a local Ray ends with its driver). Ray Train 2.55-2.60 builds both in
     ``_create_default_callbacks``; ``tests/test_trainer.py`` fails if a Ray upgrade renames them."""
     from ray.train.torch import TorchTrainer
